@@ -1,0 +1,96 @@
+"""Op backends for the model: ``get_ops("torch")`` and ``get_ops("triton")``.
+
+The model resolves its backend once, when it is built, and reaches every hot op through the returned
+namespace. Both backends expose the same functions with the same signatures:
+
+- ``rms_norm(x, weight, eps)``: RMSNorm over the last dim (fp32 math, input dtype out).
+- ``rope(x, token_positions, theta)``: rotate adjacent pairs of x (..., T, D).
+- ``rope_qk(q, k, token_positions, theta) -> (q, k)``: both of a layer's rotations (one launch on triton).
+- ``attention(q, k, v, causal=True)``: q, k, v (B, H, T, D).
+- ``swiglu(gate, up)``: silu(gate) * up.
+- ``cross_entropy(logits (N, V), targets (N,), ignore_index=-100)`` -> mean.
+- ``linear_cross_entropy(x (N, d), weight (V, d), targets (N,), ignore_index=-100)`` -> mean CE of
+  x @ weight.T; the triton backend never materialises the (N, V) logits.
+
+Nothing here touches a GPU at import time: the triton backend is imported on first request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from kernels import reference
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True, slots=True)
+class Ops:
+    name: str
+    rms_norm: Callable
+    rope: Callable
+    rope_qk: Callable
+    attention: Callable
+    swiglu: Callable
+    cross_entropy: Callable
+    linear_cross_entropy: Callable
+
+
+def _rope_qk_reference(q, k, token_positions, theta):
+    return reference.rope(q, token_positions, theta), reference.rope(k, token_positions, theta)
+
+
+_TORCH_OPS = Ops(
+    name="torch",
+    rms_norm=reference.rms_norm,
+    rope=reference.rope,
+    rope_qk=_rope_qk_reference,
+    attention=reference.attention,
+    swiglu=reference.swiglu,
+    cross_entropy=reference.cross_entropy,
+    linear_cross_entropy=reference.linear_cross_entropy,
+)
+
+_cache: dict[str, Ops] = {"torch": _TORCH_OPS}
+
+
+def _build_triton_ops() -> Ops:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "the 'triton' kernel backend needs the triton package: pip install 'fastlm[triton]' "
+            "(or use kernels='torch')"
+        ) from e
+    from kernels.attention import attention
+    from kernels.cross_entropy import cross_entropy
+    from kernels.linear_cross_entropy import linear_cross_entropy
+    from kernels.rms_norm import rms_norm
+    from kernels.rope import rope, rope_qk
+    from kernels.swiglu import swiglu
+
+    return Ops(
+        name="triton",
+        rms_norm=rms_norm,
+        rope=rope,
+        rope_qk=rope_qk,
+        attention=attention,
+        swiglu=swiglu,
+        cross_entropy=cross_entropy,
+        linear_cross_entropy=linear_cross_entropy,
+    )
+
+
+def get_ops(name: str | Ops) -> Ops:
+    """Return the op namespace for backend ``name`` ("torch" or "triton")."""
+    if isinstance(name, Ops):
+        return name
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    if name not in _cache:
+        _cache[name] = _build_triton_ops()
+    return _cache[name]
+
+
+__all__ = ["BACKENDS", "Ops", "get_ops", "reference"]

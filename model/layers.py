@@ -1,0 +1,207 @@
+"""From-scratch layers of the Transformer LM (no torch.nn layers, no torch.nn.functional).
+
+Every layer that has a fused kernel takes an ``ops`` namespace (see ``kernels.get_ops``) and reaches
+its hot op only through it; the default is the torch reference backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kernels import Ops, get_ops
+
+
+def _ops(ops: Ops | str | None) -> Ops:
+    return get_ops("torch" if ops is None else ops)
+
+
+class Linear(nn.Module):
+    """y = x W^T, W: (out_features, in_features), no bias; truncated-normal init as in the handout."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        std = math.sqrt(2.0 / (in_features + out_features))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight.t())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Embedding(nn.Module):
+    """Lookup of rows of a (num_embeddings, embedding_dim) table; N(0, 1) truncated at +-3."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[token_ids]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * g over the last dim; computed in fp32, returned in the input dtype."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None, *, ops: Ops | str | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.ops = _ops(ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, *, ops: Ops | str | None = None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device, dtype)
+        self.w2 = Linear(d_ff, d_model, device, dtype)
+        self.w3 = Linear(d_model, d_ff, device, dtype)
+        self.ops = _ops(ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
+
+
+class SiLUFeedForward(nn.Module):
+    """Ablation: w2(silu(w1 x)), conventionally with d_ff = 4 d_model."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device, dtype)
+        self.w2 = Linear(d_ff, d_model, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w1(x)
+        return self.w2(h * torch.sigmoid(h))
+
+
+class RotaryPositionalEmbedding(nn.Module):
+    """RoPE on adjacent pairs (2i, 2i+1) of the last dim; angles p * theta^(-2i/d_k).
+
+    ``forward(x (..., T, d_k), token_positions)`` with integer positions broadcastable to
+    ``x.shape[:-1]``. Holds no parameters (nothing in the state_dict).
+    """
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None, *, ops: Ops | str | None = None):
+        super().__init__()
+        if d_k % 2:
+            raise ValueError(f"RoPE needs an even d_k, got {d_k}")
+        self.theta, self.d_k, self.max_seq_len = float(theta), d_k, max_seq_len
+        self.ops = _ops(ops)
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_k:
+            raise ValueError(f"RoPE built for d_k={self.d_k}, got last dim {x.shape[-1]}")
+        return self.ops.rope(x, token_positions, self.theta)
+
+    def forward_qk(self, q: torch.Tensor, k: torch.Tensor, token_positions: torch.Tensor):
+        return self.ops.rope_qk(q, k, token_positions, self.theta)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal multi-head self-attention; RoPE on q and k when ``theta`` is given."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        max_seq_len: int | None = None,
+        theta: float | None = None,
+        device=None,
+        dtype=None,
+        *,
+        ops: Ops | str | None = None,
+    ):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
+        self.max_seq_len = max_seq_len
+        self.q_proj = Linear(d_model, d_model, device, dtype)
+        self.k_proj = Linear(d_model, d_model, device, dtype)
+        self.v_proj = Linear(d_model, d_model, device, dtype)
+        self.output_proj = Linear(d_model, d_model, device, dtype)
+        self.ops = _ops(ops)
+        self.rope = None
+        if theta is not None:
+            self.rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len or 0, device, ops=self.ops)
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        *lead, t, d = x.shape
+        x3 = x.reshape(-1, t, d)
+        b = x3.shape[0]
+        # (B, T, H, D) views of the projections: RoPE runs on this layout (contiguous rows, positions
+        # broadcast over heads) and attention reads it through strides, so no transpose is copied.
+        q = self.q_proj(x3).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x3).view(b, t, self.num_heads, self.head_dim)
+        v = self.v_proj(x3).view(b, t, self.num_heads, self.head_dim)
+        if self.rope is not None:
+            if token_positions is None:
+                token_positions = torch.arange(t, device=x.device)
+            pos = token_positions.reshape(-1, t) if token_positions.dim() > 1 else token_positions
+            q, k = self.rope.forward_qk(q, k, pos.unsqueeze(-1))
+        out = self.ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        out = out.transpose(1, 2).reshape(b, t, d)
+        return self.output_proj(out).reshape(*lead, t, d)
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.)); ablations switch norm and FFN kinds."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        max_seq_len: int,
+        theta: float | None,
+        device=None,
+        dtype=None,
+        *,
+        use_rmsnorm: bool = True,
+        post_norm: bool = False,
+        ffn: str = "swiglu",
+        eps: float = 1e-5,
+        ops: Ops | str | None = None,
+    ):
+        super().__init__()
+        ops = _ops(ops)
+        self.post_norm = post_norm
+
+        def norm() -> nn.Module:
+            return RMSNorm(d_model, eps, device, dtype, ops=ops) if use_rmsnorm else Identity()
+
+        self.ln1 = norm()
+        self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, device, dtype, ops=ops)
+        self.ln2 = norm()
+        if ffn == "swiglu":
+            self.ffn = SwiGLU(d_model, d_ff, device, dtype, ops=ops)
+        elif ffn == "silu":
+            self.ffn = SiLUFeedForward(d_model, d_ff, device, dtype)
+        else:
+            raise ValueError(f"unknown ffn kind {ffn!r}; known: swiglu, silu")
+
+    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:
+            x = self.ln1(x + self.attn(x, token_positions))
+            return self.ln2(x + self.ffn(x))
+        x = x + self.attn(self.ln1(x), token_positions)
+        return x + self.ffn(self.ln2(x))

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with every dependency and run the whole test suite.
+# This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# The CPU wheel first, pinned: an unpinned torch would resolve to a multi-GB CUDA build.
+python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+python -m pip install -q -e ".[test]"
+# Without a GPU, Triton kernels run in Triton's CPU interpreter.
+export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
+python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,111 @@
+"""From-scratch AdamW, the cosine learning-rate schedule and global gradient-norm clipping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as in the handout's Algorithm 2.
+
+    State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), kept in fp32 whatever the
+    parameter dtype.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas {betas}")
+        if eps < 0:
+            raise ValueError(f"invalid eps {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            params, grads, ms, vs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["step"] += 1
+                params.append(p)
+                grads.append(p.grad.float() if p.grad.dtype != torch.float32 else p.grad)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            # Foreach (multi-tensor) updates: a handful of kernel launches per group instead of
+            # several per parameter, the same arithmetic as the per-tensor loop.
+            torch._foreach_lerp_(ms, grads, 1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+            for p, m, v, t in zip(params, ms, vs, steps):
+                bias1 = 1 - beta1**t
+                bias2 = 1 - beta2**t
+                alpha = lr * math.sqrt(bias2) / bias1
+                if wd:
+                    p.mul_(1 - lr * wd)
+                denom = v.sqrt().add_(eps)
+                if p.dtype == torch.float32:
+                    p.addcdiv_(m, denom, value=-alpha)
+                else:
+                    p.copy_(p.float().addcdiv_(m, denom, value=-alpha))
+        return loss
+
+
+def get_lr_cosine_schedule(
+    it: int,
+    max_learning_rate: float,
+    min_learning_rate: float,
+    warmup_iters: int,
+    cosine_cycle_iters: int,
+) -> float:
+    """Linear warmup to max over ``warmup_iters``, cosine decay to min at ``cosine_cycle_iters``, then min."""
+    if it < warmup_iters:
+        return it / warmup_iters * max_learning_rate
+    if it <= cosine_cycle_iters:
+        progress = (it - warmup_iters) / max(1, cosine_cycle_iters - warmup_iters)
+        return min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (max_learning_rate - min_learning_rate)
+    return min_learning_rate
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """Scale all gradients in place so their combined L2 norm is at most ``max_l2_norm``.
+
+    Returns the norm before clipping as a 0-d tensor (no host sync: the scale is applied on device).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2.0)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    scale = torch.clamp(max_l2_norm / (total + eps), max=1.0)
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return total
