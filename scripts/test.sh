@@ -12,6 +12,4 @@ python -m pip install -q --upgrade pip
 # The CPU wheel first, pinned: an unpinned torch would resolve to a multi-GB CUDA build.
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[test]"
-# Without a GPU, Triton kernels run in Triton's CPU interpreter.
-export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
 python -m pytest -q -p no:cacheprovider "$@"

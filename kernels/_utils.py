@@ -1,0 +1,50 @@
+"""Small helpers shared by the Triton launchers (host side only; nothing runs at import)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"the triton kernels need CUDA tensors, got a tensor on {t.device}; "
+                "use kernels='torch' on a CPU (or set TRITON_INTERPRET=1 to run Triton's interpreter)"
+            )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs_hint(device: torch.device) -> int:
+    """A persistent-grid size: a few programs per SM on a GPU, a handful in the interpreter."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x (..., N) as a 2-D (rows, N) tensor with unit last stride, copying only when it must."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def pow2_at_least(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def elementwise_warps(block: int) -> int:
+    return min(max(block // 256, 1), 16)

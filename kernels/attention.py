@@ -1,0 +1,375 @@
+"""Causal (or full) flash attention, forward and backward, FlashAttention-2 style.
+
+q, k, v: (B, H, T, D) with any strides whose last one is 1 (the model passes transposed views of
+(B, T, H, D) projections, which are read in place). Forward: query tiles against key tiles with an
+online softmax in the log2 domain (exp2, log2(e) folded into the scale), fp32 accumulators; blocks
+wholly above the diagonal are never visited and only the diagonal band is masked. It saves O and the
+row log-sum-exp (log2 units, fp32): memory O(T), never (T x T).
+
+Backward: a pass for delta = rowsum(dO * O), then dK/dV by key block (looping over query blocks)
+and dQ by query block (looping over key blocks). No atomics: the gradients are deterministic.
+
+fp32 inputs are accepted (the interpreter tests run them); on a GPU their dots use tf32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import check_device, interpreting, pow2_at_least
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_n, offs_d, lo, hi, T, D, qk_scale,
+    MASK_CAUSAL: tl.constexpr, MASK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    d_mask = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < T
+        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :] & d_mask[:, None], other=0.0)
+        s = tl.dot(q, k) * qk_scale
+        if MASK_CAUSAL:
+            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        if MASK_T:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, T, D, qk_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if CAUSAL:
+        # Key blocks left of this query block need no mask; the diagonal band does; blocks to the
+        # right are wholly masked and skipped (half the work of full attention).
+        diag = start_m * BLOCK_M
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, 0, diag, T, D, qk_scale,
+                                   False, False, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, diag, tl.minimum(diag + BLOCK_M, T), T, D, qk_scale,
+                                   True, True, BLOCK_N)
+    else:
+        full = (T // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, 0, full, T, D, qk_scale,
+                                   False, False, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, full, T, T, D, qk_scale,
+                                   False, True, BLOCK_N)
+    acc = acc / l_i[:, None]
+    o_base = O + b * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+    H, T, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    H, T, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    col_ok = offs_n < T
+    kv_mask = col_ok[:, None] & d_mask[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * T
+    # Causal: query blocks that end before this key block see none of it and are skipped.
+    lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start_m in range(lo, T, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < T
+        q_mask = row_ok[:, None] & d_mask[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
+        p_t = tl.exp2(s_t - lse[None, :])
+        ok = row_ok[None, :] & col_ok[:, None]
+        if CAUSAL:
+            ok = ok & (offs_m[None, :] >= offs_n[:, None])
+        p_t = tl.where(ok, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, T, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row_ok = offs_m < T
+    q_mask = row_ok[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    row_base = bh.to(tl.int64) * T
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < T
+        kv_mask = col_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        ok = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# Configs valid on both Hopper (228 KB shared memory) and RTX 5090 (sm_120, ~101 KB): configs that
+# do not fit a device fail to compile there and the autotuner drops them.
+def _fwd_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2)]
+    ]
+
+
+def _bwd_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 32, 4, 3)]
+    ]
+
+
+_fwd_tuned = triton.autotune(_fwd_configs(), key=["T", "BLOCK_D", "CAUSAL"])(_attn_fwd_kernel)
+_dkdv_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL"])(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL"])(_attn_bwd_dq_kernel)
+
+# The interpreter runs every program in Python: small fixed tiles keep CPU tests fast.
+_INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(q, k, v):
+    check_device(q, k, v)
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention expects q, k, v of one (B, H, T, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"flash attention supports fp16, bf16 and fp32, got {q.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head dim up to 256 supported, got {q.shape[-1]}")
+
+
+def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k, v)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    b, h, t, d = q.shape
+    o = torch.empty_like(q)  # keeps q's layout, so a (B, T, H, D) producer gets a (B, T, H, D) output
+    lse = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return o, lse
+    sm_scale = 1.0 / math.sqrt(d)
+    args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), h, t, d, sm_scale * LOG2E)
+    block_d = max(16, pow2_at_least(d))
+    if interpreting():
+        grid = (triton.cdiv(t, _INTERP_BLOCKS["BLOCK_M"]), b * h)
+        _attn_fwd_kernel[grid](*args, CAUSAL=causal, BLOCK_D=block_d, **_INTERP_BLOCKS)
+    else:
+        grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
+        _fwd_tuned[grid](*args, CAUSAL=causal, BLOCK_D=block_d)
+    return o, lse
+
+
+def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do = _unit_last(do)
+    b, h, t, d = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk, dv
+    delta = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
+    block_d = max(16, pow2_at_least(d))
+    _attn_bwd_preprocess_kernel[(triton.cdiv(t, 64), b * h)](
+        o, do, delta, *_strides(o), *_strides(do), h, t, d, BLOCK_M=64, BLOCK_D=block_d
+    )
+    sm_scale = 1.0 / math.sqrt(d)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), h, t, d, sm_scale * LOG2E, sm_scale)
+    dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides(dq), h, t, d, sm_scale * LOG2E, sm_scale)
+    if interpreting():
+        bm, bn = _INTERP_BLOCKS["BLOCK_M"], _INTERP_BLOCKS["BLOCK_N"]
+        _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](*dkdv_args, CAUSAL=causal, BLOCK_D=block_d, **_INTERP_BLOCKS)
+        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, CAUSAL=causal, BLOCK_D=block_d, **_INTERP_BLOCKS)
+    else:
+        _dkdv_tuned[lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, CAUSAL=causal, BLOCK_D=block_d)
+        _dq_tuned[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](*dq_args, CAUSAL=causal, BLOCK_D=block_d)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("fastlm::flash_attn_fwd", mutates_args=())
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return attn_fwd(q, k, v, causal)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, causal):
+    b, h, t, _ = q.shape
+    return torch.empty_like(_unit_last(q)), q.new_empty((b * h, t), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::flash_attn_bwd", mutates_args=())
+def _attn_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attn_bwd(do, q, k, v, o, lse, causal)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _register_flops() -> None:
+    # Model-FLOPs convention (PaLM, torchtitan): causal counted as dense, backward = 2x forward (no
+    # recompute), so FlopCounterMode over the triton model agrees with the torch reference's count.
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.fastlm.flash_attn_fwd)
+    def _fwd_flops(q_shape, k_shape, v_shape, *args, **kwargs):
+        b, h, t, d = q_shape
+        return 4 * b * h * t * k_shape[2] * d
+
+    @register_flop_formula(torch.ops.fastlm.flash_attn_bwd)
+    def _bwd_flops(do_shape, q_shape, k_shape, *args, **kwargs):
+        b, h, t, d = q_shape
+        return 8 * b * h * t * k_shape[2] * d
+
+
+_register_flops()
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        o, lse = _attn_fwd_op(q, k, v, causal)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, ctx.causal)
+        return dq, dk, dv, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Flash attention: q, k, v (B, H, T, D) -> (B, H, T, D), O(T) memory."""
+    return FlashAttentionFunction.apply(q, k, v, causal)

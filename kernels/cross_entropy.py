@@ -1,0 +1,155 @@
+"""Fused cross-entropy over rows of logits (N, V), the gradient written during the forward.
+
+One program per row: a first sweep keeps an online max and sum (fp32) for the log-sum-exp, a
+second writes d loss / d logits = (softmax - onehot) / n_valid, into a new buffer or in place over
+the logits when the caller gives them up. The backward is then a scale by the incoming gradient.
+Targets equal to ``ignore_index`` add nothing to the loss or the mean's count; if every target is
+ignored the loss is 0 and the gradient is zero (never 0/0). Row offsets are int64: N x V can pass
+2^31 elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import check_device, pow2_at_least
+from kernels.reference import IGNORE_INDEX
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr, targets_ptr, grad_ptr, loss_ptr, n_valid_ptr,
+    stride_logits, stride_grad,
+    V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits
+    grad_row = grad_ptr + row * stride_grad
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    if target == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            tl.store(grad_row + start + cols, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty),
+                     mask=start + cols < V)
+        tl.store(loss_ptr + row, 0.0)
+    else:
+        # Online log-sum-exp: the running max keeps exp() finite for logits of any magnitude.
+        # Lanes past V hold a huge negative finite value instead of -inf, so no inf - inf appears;
+        # their phantom terms are scaled away by exp(m - m_row) = 0 at the end.
+        m = tl.full((BLOCK_V,), -3.0e38, tl.float32)
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            x = tl.load(logits_row + start + cols, mask=start + cols < V, other=-3.0e38).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+        m_row = tl.max(m, 0)
+        s_row = tl.sum(s * tl.exp(m - m_row), 0)
+        x_t = tl.load(logits_row + target).to(tl.float32)
+        # (m - x_t) + log(s) rather than lse - x_t: no large lse to cancel against x_t.
+        tl.store(loss_ptr + row, (m_row - x_t) + tl.log(s_row))
+        inv_s = 1.0 / s_row
+        scale = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
+        # Second sweep: the gradient, possibly over the logits just read (each element is read
+        # before it is written, by this program only).
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            x = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            # softmax as exp(x - m) / s: relative error of a few ulps, unlike exp(x - lse), whose
+            # absolute error in lse (~|lse| ulps) would become a relative error of every entry.
+            g = tl.exp(x - m_row) * inv_s
+            g = tl.where(start + cols == target, g - 1.0, g) * scale
+            tl.store(grad_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    check_device(logits, targets)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets must be (N,) = ({logits.shape[0]},), got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point:
+        raise TypeError(f"targets must be integers, got {targets.dtype}")
+
+
+def ce_fwd_into(
+    logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, losses: torch.Tensor,
+    n_valid: torch.Tensor, ignore_index: int,
+) -> None:
+    """Per-row losses into ``losses`` (N,) fp32 and the mean's gradient into ``grad`` (may be ``logits``)."""
+    n, v = logits.shape
+    if logits.stride(1) != 1 or grad.stride(1) != 1:
+        raise ValueError("cross_entropy needs unit stride along the vocabulary")
+    if n == 0:
+        return
+    block_v = min(pow2_at_least(v), 4096)
+    _ce_fwd_kernel[(n,)](
+        logits, targets, grad, losses, n_valid, logits.stride(0), grad.stride(0), v, ignore_index,
+        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )
+
+
+def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return (targets != ignore_index).sum().to(torch.float32)
+
+
+def ce_fwd(logits, targets, ignore_index: int, inplace: bool = False):
+    _check(logits, targets)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    n_valid = _count_valid(targets, ignore_index)
+    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    ce_fwd_into(logits, targets, grad, losses, n_valid, ignore_index)
+    return losses.sum() / n_valid.clamp(min=1.0), grad
+
+
+@torch.library.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
+def _ce_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return ce_fwd(logits, targets, ignore_index)
+
+
+@_ce_fwd_op.register_fake
+def _(logits, targets, ignore_index):
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("fastlm::cross_entropy_fwd_inplace", mutates_args=("logits",))
+def _ce_fwd_inplace_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return ce_fwd(logits, targets, ignore_index, inplace=True)[0]
+
+
+@_ce_fwd_inplace_op.register_fake
+def _(logits, targets, ignore_index):
+    return logits.new_empty((), dtype=torch.float32)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, inplace):
+        if inplace:
+            loss = _ce_fwd_inplace_op(logits, targets, ignore_index)
+            grad = logits
+        else:
+            loss, grad = _ce_fwd_op(logits, targets, ignore_index)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return grad * dloss.to(grad.dtype), None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, inplace: bool = False
+) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,), as an fp32 scalar.
+
+    ``inplace=True`` lets the kernel overwrite ``logits`` with their gradient (saving an (N, V)
+    buffer); the caller must not read the logits afterwards.
+    """
+    return CrossEntropyFunction.apply(logits, targets, ignore_index, inplace)

@@ -1,0 +1,162 @@
+"""Fused RMSNorm: y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps), over the last dim.
+
+Forward: one pass over each row, saving rstd in fp32 (4 bytes a row) for the backward.
+Backward: dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w and x_hat = x * rstd, and a
+deterministic dw: a fixed grid of programs each sums its rows' dy * x_hat into an fp32 partial row,
+and the partials are reduced once on the host side (no atomics, the same bits every run).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import check_device, num_programs_hint, pow2_at_least, rows_view
+
+MAX_FUSED_WIDTH = 65536  # a whole row lives in registers; wider rows would spill
+
+
+@triton.jit
+def _rmsnorm_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    stride_x, stride_y,
+    M, N, eps,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # int64 row indices: rows * stride can pass 2^31 for large activations.
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    # Sums of squares in fp32 whatever the input dtype: bf16 would lose the small terms.
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+    stride_dy, stride_x, stride_dx,
+    M, N,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # A persistent loop over row blocks: each program keeps its share of dw in registers and writes
+    # it once, so the reduction order is fixed by the grid, not by scheduling.
+    for start in range(pid * ROWS, M, num_progs * ROWS):
+        rows = start + tl.arange(0, ROWS).to(tl.int64)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * x_hat, axis=1) / N
+        dx = (g - x_hat * c[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dy * x_hat, axis=0)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * N + cols, dw_acc, mask=col_mask)
+
+
+def _launch_params(n: int) -> tuple[int, int, int]:
+    if n > MAX_FUSED_WIDTH:
+        raise ValueError(f"fused RMSNorm supports rows up to {MAX_FUSED_WIDTH} wide, got {n}")
+    block_n = pow2_at_least(n)
+    # Several short rows per program so each moves at least ~4K elements.
+    rows = max(1, min(16, 4096 // block_n))
+    num_warps = min(16, max(4, block_n * rows // 1024))
+    return block_n, rows, num_warps
+
+
+def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., N), weight (N,) -> y (same shape and dtype as x), rstd (rows,) fp32."""
+    check_device(x, weight)
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim {n}")
+    x2 = rows_view(x)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block_n, rows, warps = _launch_params(n)
+        _rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
+            x2, weight, y, rstd, x2.stride(0), y.stride(0), m, n, eps,
+            ROWS=rows, BLOCK_N=block_n, num_warps=warps,
+        )
+    return y.view(x.shape), rstd
+
+
+def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> dx (like x), dweight (like weight)."""
+    n = x.shape[-1]
+    x2, dy2 = rows_view(x), rows_view(dy)
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, rows, warps = _launch_params(n)
+    progs = max(1, min(num_programs_hint(x.device), triton.cdiv(m, rows)))
+    partial = torch.empty((progs, n), dtype=torch.float32, device=x.device)
+    if m:
+        _rmsnorm_bwd_kernel[(progs,)](
+            dy2, x2, weight, rstd, dx, partial, dy2.stride(0), x2.stride(0), dx.stride(0), m, n,
+            ROWS=rows, BLOCK_N=block_n, num_warps=warps,
+        )
+    else:
+        partial.zero_()
+    return dx.view(x.shape), partial.sum(0).to(weight.dtype)
+
+
+# --- registration: opaque named ops for torch.compile, the profiler and FlopCounterMode ----------
+
+@torch.library.custom_op("fastlm::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return rmsnorm_fwd(x, weight, eps)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rmsnorm_bwd(dy, x, weight, rstd)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_norm_fwd_op(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_bwd_op(dy, x, weight, rstd)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Fused RMSNorm over the last dim; fp32 math, output in x's dtype."""
+    return RMSNormFunction.apply(x, weight, eps)

@@ -1,0 +1,93 @@
+"""Flash attention (Triton) against the fp64 reference; memory and long-T checks on GPU."""
+
+import pytest
+import torch
+
+from kernel_checks import check_op_against_reference, max_err
+from kernels import get_ops, reference
+
+triton_ops = get_ops("triton")
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("t,d", [(1, 32), (45, 32), (130, 64), (33, 24), (17, 128)])
+def test_attention_forward_and_grads(t, d, causal):
+    q, k, v = (torch.randn(1, 2, t, d, device=DEV) for _ in range(3))
+    check_op_against_reference(
+        lambda q, k, v: triton_ops.attention(q, k, v, causal=causal),
+        lambda q, k, v: reference.attention(q, k, v, causal=causal),
+        [q, k, v],
+    )
+
+
+def test_attention_reads_strided_views_in_place():
+    # The model's layout: (B, T, H, D) projections viewed as (B, H, T, D).
+    q, k, v = (torch.randn(2, 19, 3, 16, device=DEV).transpose(1, 2) for _ in range(3))
+    out = triton_ops.attention(q, k, v)
+    assert out.stride() == q.stride()
+    torch.testing.assert_close(out, reference.attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_is_deterministic():
+    q, k, v = (torch.randn(1, 2, 70, 32, device=DEV, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 2, 70, 32, device=DEV)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        triton_ops.attention(q, k, v).backward(do)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_attention_bad_input():
+    q = torch.randn(1, 2, 8, 16, device=DEV)
+    with pytest.raises(ValueError):
+        triton_ops.attention(q, q[:, :1], q)
+    with pytest.raises(TypeError):
+        triton_ops.attention(q, q.double(), q)
+
+
+def test_flop_counter_sees_attention():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(1, 2, 16, 8, device=DEV) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:
+        triton_ops.attention(q, k, v)
+    assert fc.get_total_flops() == 4 * 1 * 2 * 16 * 16 * 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_low_precision_error_ratio(dtype, d, causal):
+    q, k, v = (torch.randn(2, 4, 1000, d, device="cuda") for _ in range(3))
+    check_op_against_reference(
+        lambda q, k, v: triton_ops.attention(q, k, v, causal=causal),
+        lambda q, k, v: reference.attention(q, k, v, causal=causal),
+        [q, k, v],
+        dtype=dtype,
+    )
+
+
+@pytest.mark.gpu
+def test_attention_long_context_and_linear_memory():
+    peaks = {}
+    for t in (4096, 8192):
+        q, k, v = (torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        triton_ops.attention(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+        peaks[t] = torch.cuda.max_memory_allocated() - base
+        assert torch.isfinite(q.grad).all()
+        del q, k, v
+    # Linear in T: doubling T at most about doubles the extra memory (a T x T buffer would quadruple it).
+    assert peaks[8192] <= 2.2 * peaks[4096]
+    q, k, v = (torch.randn(1, 2, 8192, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = reference.attention(q.float(), k.float(), v.float())
+    assert max_err(triton_ops.attention(q, k, v), ref) < 2e-2

@@ -1,0 +1,95 @@
+"""Triton cross-entropy and fused linear cross-entropy against the fp64 reference."""
+
+import pytest
+import torch
+
+from kernel_checks import check_op_against_reference
+from kernels import get_ops, reference
+
+triton_ops = get_ops("triton")
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+
+
+def targets_for(n, v, ignored=()):
+    t = torch.randint(0, v, (n,), device=DEV)
+    for i in ignored:
+        t[i] = -100
+    return t
+
+
+@pytest.mark.parametrize("n,v,scale", [(7, 5003, 1.0), (5, 33, 1e4), (1, 1, 1.0), (9, 4097, 10.0)])
+def test_cross_entropy_forward_and_grad(n, v, scale):
+    logits = torch.randn(n, v, device=DEV) * scale
+    t = targets_for(n, v, ignored=[0] if n > 2 else [])
+    check_op_against_reference(triton_ops.cross_entropy, reference.cross_entropy, [logits, t], scalar=True)
+
+
+def test_cross_entropy_extreme_logits_are_finite():
+    logits = (torch.randn(4, 300, device=DEV) * 1e4).requires_grad_()
+    loss = triton_ops.cross_entropy(logits, targets_for(4, 300))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_cross_entropy_all_ignored_is_zero_not_nan():
+    logits = torch.randn(3, 10, device=DEV, requires_grad=True)
+    loss = triton_ops.cross_entropy(logits, torch.full((3,), -100, device=DEV))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+def test_cross_entropy_inplace_writes_gradient_into_logits():
+    logits = torch.randn(6, 50, device=DEV)
+    t = targets_for(6, 50)
+    expect_leaf = logits.clone().requires_grad_()
+    expect = triton_ops.cross_entropy(expect_leaf, t)
+    expect.backward()
+    leaf = logits.clone().requires_grad_()
+    work = leaf * 1.0  # a non-leaf buffer the kernel may overwrite
+    loss = triton_ops.cross_entropy(work, t, inplace=True)
+    loss.backward()
+    # The same arithmetic, only a different destination: identical bits.
+    assert torch.equal(loss, expect) and torch.equal(leaf.grad, expect_leaf.grad)
+    assert torch.equal(work.detach(), expect_leaf.grad)
+
+
+@pytest.mark.parametrize("n,d,v,chunk", [(37, 16, 5003, 8), (10, 8, 33, 0), (64, 24, 100, 64), (5, 4, 7, 2)])
+def test_linear_cross_entropy_forward_and_grads(n, d, v, chunk):
+    x, w = torch.randn(n, d, device=DEV), torch.randn(v, d, device=DEV) * 0.5
+    t = targets_for(n, v, ignored=[1, 2] if n > 3 else [])
+    check_op_against_reference(
+        lambda x, w, t: triton_ops.linear_cross_entropy(x, w, t, chunk_size=chunk) if chunk else triton_ops.linear_cross_entropy(x, w, t),
+        reference.linear_cross_entropy,
+        [x, w, t],
+        scalar=True,
+    )
+
+
+def test_linear_cross_entropy_bad_input():
+    x, w = torch.randn(4, 8, device=DEV), torch.randn(10, 9, device=DEV)
+    with pytest.raises(ValueError):
+        triton_ops.linear_cross_entropy(x, w, targets_for(4, 10))
+    with pytest.raises(ValueError):
+        triton_ops.cross_entropy(torch.randn(4, 10, device=DEV), targets_for(3, 10))
+
+
+def test_linear_cross_entropy_flops_are_counted():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(8, 4, device=DEV, requires_grad=True)
+    w = torch.randn(10, 4, device=DEV, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        triton_ops.linear_cross_entropy(x, w, targets_for(8, 10)).backward()
+    assert fc.get_total_flops() == 6 * 8 * 4 * 10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_entropy_low_precision_on_gpu(dtype):
+    logits = torch.randn(4096, 32000, device="cuda") * 3
+    check_op_against_reference(triton_ops.cross_entropy, reference.cross_entropy, [logits, targets_for(4096, 32000, [5])], dtype=dtype, scalar=True)
+    x, w = torch.randn(2048, 512, device="cuda"), torch.randn(10000, 512, device="cuda") * 0.05
+    check_op_against_reference(
+        triton_ops.linear_cross_entropy, reference.linear_cross_entropy, [x, w, targets_for(2048, 10000, [3])], dtype=dtype, scalar=True
+    )

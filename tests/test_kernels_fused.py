@@ -1,0 +1,137 @@
+"""Triton RMSNorm, RoPE and SwiGLU against the fp64 torch reference (interpreter on CPU, real on GPU)."""
+
+import pytest
+import torch
+
+from kernel_checks import check_op_against_reference, max_err
+from kernels import get_ops, reference
+
+triton_ops = get_ops("triton")
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+
+
+def randn(*shape, scale=1.0):
+    return torch.randn(*shape, device=DEV) * scale
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 5, 37), (130, 512), (4, 3, 1000), (2, 16384)])
+def test_rms_norm_forward_and_grads(shape):
+    x, w = randn(*shape), randn(shape[-1]) + 1.0
+    check_op_against_reference(triton_ops.rms_norm, reference.rms_norm, [x, w, 1e-5])
+
+
+def test_rms_norm_non_contiguous_input():
+    x = randn(6, 40)[:, :37]  # row stride 40, not 37: read in place
+    w = randn(37)
+    check_op_against_reference(triton_ops.rms_norm, reference.rms_norm, [x, w, 1e-5])
+    xt = randn(37, 6).t()  # last dim not unit-stride: copied
+    check_op_against_reference(triton_ops.rms_norm, reference.rms_norm, [xt, w, 1e-5])
+
+
+def test_rms_norm_dweight_is_deterministic():
+    x, w, dy = randn(301, 77), randn(77), randn(301, 77)
+    grads = []
+    for _ in range(3):
+        wl = w.clone().requires_grad_()
+        triton_ops.rms_norm(x, wl, 1e-5).backward(dy)
+        grads.append(wl.grad)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_rms_norm_rejects_too_wide_rows():
+    with pytest.raises(ValueError, match="65536"):
+        triton_ops.rms_norm(randn(1, 65537), randn(65537), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "x_shape,pos_shape",
+    [((7, 10), (7,)), ((2, 5, 3, 6), (2, 5, 1)), ((2, 3, 9, 64), (9,)), ((1, 13, 4, 48), (1, 13, 1)), ((3, 1, 2), (3, 1))],
+)
+def test_rope_forward_and_grads_arbitrary_positions(x_shape, pos_shape):
+    pos = torch.randint(0, 2048, pos_shape, device=DEV)
+    check_op_against_reference(triton_ops.rope, reference.rope, [randn(*x_shape), pos, 10000.0])
+
+
+def test_rope_qk_one_launch_matches_two_calls():
+    q, k = randn(2, 11, 4, 32), randn(2, 11, 4, 32)
+    pos = torch.randint(0, 500, (2, 11, 1), device=DEV)
+    qo, ko = triton_ops.rope_qk(q, k, pos, 500.0)
+    torch.testing.assert_close(qo, triton_ops.rope(q, pos, 500.0))
+    torch.testing.assert_close(ko, triton_ops.rope(k, pos, 500.0))
+    check_op_against_reference(
+        lambda a, b, p, th: sum(t.sum() * (i + 1) for i, t in enumerate(triton_ops.rope_qk(a, b, p, th))),
+        lambda a, b, p, th: sum(t.sum() * (i + 1) for i, t in enumerate(reference.rope(x, p, th) for x in (a, b))),
+        [q, k, pos, 500.0],
+        scalar=True,
+    )
+
+
+def test_rope_non_contiguous_view():
+    base = randn(2, 9, 8, 16)
+    x = base.transpose(1, 2)  # (2, 8, 9, 16) view: rows not uniformly strided -> copied
+    pos = torch.arange(9, device=DEV)
+    torch.testing.assert_close(triton_ops.rope(x, pos, 100.0), reference.rope(x, pos, 100.0), atol=2e-5, rtol=1e-5)
+
+
+def test_rope_rejects_float_positions_and_odd_dims():
+    with pytest.raises(TypeError):
+        triton_ops.rope(randn(3, 4), torch.zeros(3, device=DEV), 10.0)
+    with pytest.raises(ValueError, match="even"):
+        triton_ops.rope(randn(3, 5), torch.zeros(3, dtype=torch.long, device=DEV), 10.0)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 37), (1000, 3), (2, 2049)])
+def test_swiglu_forward_and_grads(shape):
+    check_op_against_reference(triton_ops.swiglu, reference.swiglu, [randn(*shape, scale=3), randn(*shape)])
+
+
+def test_swiglu_non_contiguous_inputs():
+    both = randn(10, 2 * 24)
+    gate, up = both[:, :24], both[:, 24:]  # halves of one fused projection
+    check_op_against_reference(triton_ops.swiglu, reference.swiglu, [gate, up])
+
+
+def test_ops_register_named_custom_ops():
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "rope", "rope_qk", "swiglu_fwd", "swiglu_bwd"):
+        assert hasattr(torch.ops.fastlm, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_gpu(dtype):
+    x, w = randn(4096, 1024), randn(1024) + 1
+    check_op_against_reference(triton_ops.rms_norm, reference.rms_norm, [x, w, 1e-5], dtype=dtype)
+    pos = torch.randint(0, 4096, (8, 256, 1), device=DEV)
+    check_op_against_reference(triton_ops.rope, reference.rope, [randn(8, 256, 16, 64), pos, 10000.0], dtype=dtype)
+    check_op_against_reference(triton_ops.swiglu, reference.swiglu, [randn(8192, 1344), randn(8192, 1344)], dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_int64_offsets_on_gpu():
+    # 2^31 + a bit elements: 32-bit offsets would wrap and write out of bounds.
+    n = 2**31 + 4097
+    gate = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    out = triton_ops.swiglu(gate, gate)
+    assert out[-1].item() == pytest.approx(0.7310586, rel=1e-2)
+    del gate, out
+    rows = 2**31 // 1024 + 3
+    x = torch.ones(rows, 1024, dtype=torch.bfloat16, device="cuda")
+    y = triton_ops.rms_norm(x, torch.ones(1024, dtype=torch.bfloat16, device="cuda"), 1e-5)
+    assert y[-1].float().mean().item() == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.gpu
+def test_torch_compile_without_graph_breaks():
+    from model import ModelConfig, TransformerLM
+
+    cfg = ModelConfig(vocab_size=512, context_length=64, d_model=128, num_layers=2, num_heads=4, d_ff=344)
+    m = TransformerLM(cfg, kernels="triton").cuda()
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randint(0, 512, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = compiled.loss(x, x) if hasattr(compiled, "loss") else None
+        loss_c = torch.compile(m.loss, fullgraph=True)(x, x)
+        loss_e = m.loss(x, x)
+    loss_c.backward()
+    assert max_err(loss_c, loss_e) < 1e-2 and loss is not None
