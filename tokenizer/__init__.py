@@ -1,0 +1,6 @@
+"""Byte-level BPE: the trainer, the ``Tokenizer``, the corpus encoder and the CLI (``python -m tokenizer``)."""
+
+from tokenizer.bpe_train import train_bpe
+from tokenizer.tokenizer import Tokenizer
+
+__all__ = ["Tokenizer", "train_bpe"]

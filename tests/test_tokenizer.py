@@ -1,0 +1,233 @@
+"""BPE trainer and Tokenizer: an independent naive oracle, tiktoken's GPT-2 ids, streaming, files."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import tokenizer.bpe_train as bpe_train
+import tokenizer.encode as encode_mod
+from tokenizer import Tokenizer, train_bpe
+from tokenizer.cli import main as cli_main
+from tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE
+
+EOT = "<|endoftext|>"
+
+
+def naive_bpe(text: str, vocab_size: int, specials: list[str]):
+    """The handout's algorithm, written the slow obvious way: recount every pair every merge."""
+    import regex
+
+    docs = regex.split("|".join(regex.escape(s) for s in specials), text) if specials else [text]
+    words = Counter()
+    for d in docs:
+        for m in PRETOKEN_RE.findall(d):
+            words[tuple(bytes([b]) for b in m.encode())] += 1
+    merges = []
+    while 256 + len(merges) + len(specials) < vocab_size:
+        pairs = Counter()
+        for w, c in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] += c
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        new = Counter()
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] += c
+        words = new
+    return merges
+
+
+def test_trainer_matches_naive_oracle(tmp_path):
+    text = (
+        "low low low low low lower lower widest widest widest newest newest newest newest newest newest "
+        f"{EOT}the cat sat on the mat. the cat's hat!{EOT} ab ab ba ba zz zz 12 123 1234 "
+    ) * 3
+    path = tmp_path / "c.txt"
+    path.write_text(text)
+    vocab, merges = train_bpe(path, 300, [EOT], num_workers=1)
+    assert merges == naive_bpe(text, 300, [EOT])
+    assert len(vocab) == 256 + len(merges) + 1 and vocab[len(vocab) - 1] == EOT.encode()
+
+
+def test_trainer_on_real_corpus_matches_oracle_and_is_worker_independent(shared_data, tmp_path, monkeypatch):
+    text = (shared_data / "corpus.en").read_text()[:20000]
+    path = tmp_path / "c.txt"
+    path.write_text(text)
+    expect = naive_bpe(text, 330, [EOT])
+    monkeypatch.setattr(bpe_train, "CHUNK_BYTES", 3000)  # force many chunks
+    results = [train_bpe(path, 330, [EOT], num_workers=w) for w in (1, 2, 3)]
+    assert results[0][1] == expect
+    assert all(r == results[0] for r in results[1:])
+
+
+def test_special_tokens_never_merge_into_text(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(("aaaa" + EOT) * 50)
+    vocab, merges = train_bpe(path, 270, [EOT])
+    assert not any(b"<|" in a + b or b"|>" in a + b for a, b in merges)
+
+
+@pytest.mark.parametrize(
+    "setup,exc,msg",
+    [
+        (lambda p: None, FileNotFoundError, "not found"),
+        (lambda p: p.write_text(""), ValueError, "empty"),
+        (lambda p: p.write_bytes(b"hello \xff\xfe world"), ValueError, "offset 6"),
+    ],
+)
+def test_trainer_bad_input(tmp_path, setup, exc, msg):
+    path = tmp_path / "c.txt"
+    setup(path)
+    with pytest.raises(exc, match=msg):
+        train_bpe(path, 300, [EOT], num_workers=1)
+
+
+def test_trainer_vocab_too_small(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="below 256"):
+        train_bpe(path, 256, [EOT])
+
+
+@pytest.fixture(scope="module")
+def gpt2(shared_data):
+    return Tokenizer.from_files(shared_data / "gpt2_vocab.json", shared_data / "gpt2_merges.txt", [EOT])
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2(shared_data):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tokenizer.tokenizer import _from_printable
+
+    vocab = json.loads((shared_data / "gpt2_vocab.json").read_text())
+    ranks = {_from_printable(k): v for k, v in vocab.items() if k != EOT}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+
+
+UNICODE_SAMPLES = [
+    "Héllò hôw are ü? 🙃",
+    "こんにちは世界! 你好，世界。",
+    "emoji: 👨‍👩‍👧‍👦 🏳️‍🌈 🇺🇸 and flags",
+    "Ünïcödé   spaces\t\ttabs\n\n\nnewlines  \n",
+    "numbers 1234567 ١٢٣ and ½ ⅓",
+    "contractions: I'm, you're, they've, it's, we'll, he'd, DON'T",
+    f"a{EOT}b{EOT}{EOT}c",
+    "",
+]
+
+
+def test_exact_tiktoken_ids_on_gpt2(gpt2, tiktoken_gpt2, shared_data):
+    texts = UNICODE_SAMPLES + [
+        (shared_data / "corpus.en").read_text(),
+        (shared_data / "tinystories_sample.txt").read_text(),
+        (shared_data / "novels100.txt").open(encoding="utf-8").read(300_000),
+    ]
+    for text in texts:
+        ids = gpt2.encode(text)
+        assert ids == tiktoken_gpt2.encode(text, allowed_special="all")
+        assert gpt2.decode(ids) == text
+
+
+def test_overlapping_special_tokens_longest_first(gpt2, shared_data):
+    tok = Tokenizer.from_files(shared_data / "gpt2_vocab.json", shared_data / "gpt2_merges.txt", [EOT, EOT + EOT])
+    ids = tok.encode(f"hi{EOT}{EOT}{EOT}")
+    double, single = tok.special_ids[EOT + EOT], tok.special_ids[EOT]
+    assert ids[-2:] == [double, single]
+    assert tok.decode(ids) == f"hi{EOT}{EOT}{EOT}"
+
+
+def test_encode_iterable_equals_encode_for_any_cut(gpt2, shared_data):
+    text = (shared_data / "tinystories_sample.txt").read_text() + " ends  with spaces \n\n  " + UNICODE_SAMPLES[3]
+    expect = gpt2.encode(text)
+    assert list(gpt2.encode_iterable(text.splitlines(keepends=True))) == expect
+    assert list(gpt2.encode_iterable(text[i : i + 4096] for i in range(0, len(text), 4096))) == expect
+    rng = random.Random(0)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(text)), 30))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        assert list(gpt2.encode_iterable(pieces)) == expect
+    # Cut inside a special token, and inside something that only looks like one.
+    for t in (f"x <|endoftext|> y", "x <|endoftex y <|end"):
+        for c in range(1, len(t)):
+            assert list(gpt2.encode_iterable([t[:c], t[c:]])) == gpt2.encode(t), (t, c)
+
+
+def test_encode_iterable_streams_a_file(gpt2, shared_data):
+    path = shared_data / "corpus.en"
+    with open(path, encoding="utf-8") as f:
+        streamed = list(gpt2.encode_iterable(f))
+    assert streamed == gpt2.encode(path.read_text())
+
+
+def test_decode_malformed_and_bad_ids(gpt2):
+    # A lone continuation byte (from the byte-level vocab) decodes to U+FFFD.
+    cont = gpt2.byte_to_id[b"\x80"]
+    assert gpt2.decode([gpt2.encode("a")[0], cont]) == "a\ufffd"
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        gpt2.decode([10**7])
+
+
+def test_save_load_round_trip(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(("héllo wörld 🙃 " * 20 + EOT) * 5)
+    vocab, merges = train_bpe(path, 290, [EOT])
+    tok = Tokenizer(vocab, merges, [EOT])
+    tok.save(tmp_path / "tok")
+    back = Tokenizer.load(tmp_path / "tok")
+    assert back.vocab == tok.vocab and back.merges == tok.merges and back.special_tokens == [EOT]
+    text = "héllo 🙃 wörld" + EOT + "new"
+    assert back.encode(text) == tok.encode(text) and back.decode(back.encode(text)) == text
+    assert back.fingerprint() == tok.fingerprint()
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(tmp_path / "missing")
+
+
+def test_handout_worked_example():
+    # The handout's example: "low low low low low lower lower widest widest widest newest x6",
+    # whose first merges are (s,t), (e,st), (o,w), (l,ow), (w,est), (n,e).
+    text = "low low low low low lower lower widest widest widest newest newest newest newest newest newest"
+    # The handout splits on whitespace; with GPT-2 pretokens the leading spaces form part of words.
+    merges = naive_bpe(text.replace(" ", "\n"), 256 + 6, [])
+    assert merges[:2] == [(b"s", b"t"), (b"e", b"st")]
+
+
+def test_cli_train_and_encode_identical_across_workers(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setattr(encode_mod, "CHUNK_BYTES", 20_000)
+    tok_dir = tmp_path / "tok"
+    assert cli_main(["train", "--input", str(shared_data / "corpus.en"), "--vocab-size", "400",
+                     "--special-token", EOT, "--out", str(tok_dir), "--workers", "2", "--quiet"]) == 0
+    assert json.loads((tok_dir / "meta.json").read_text())["vocab_size"] == 400
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((shared_data / "tinystories_sample.txt").read_text() * 20)
+    outs = []
+    for w in (1, 2):
+        out = tmp_path / f"ids{w}.bin"
+        assert cli_main(["encode", "--tokenizer", str(tok_dir), "--input", str(corpus), "--out", str(out),
+                         "--workers", str(w), "--quiet"]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    meta = json.loads((tmp_path / "ids1.bin.json").read_text())
+    ids = np.fromfile(tmp_path / "ids1.bin", dtype=meta["dtype"])
+    tok = Tokenizer.load(tok_dir)
+    assert meta["tokens"] == len(ids) and ids.tolist() == tok.encode(corpus.read_text())
+    assert meta["tokenizer_hash"] == tok.fingerprint()
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert cli_main(["train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("hi")
+    assert cli_main(["encode", "--tokenizer", str(tmp_path / "none"), "--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.bin"), "--quiet"]) == 1

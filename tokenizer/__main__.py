@@ -1,0 +1,5 @@
+import sys
+
+from tokenizer.cli import main
+
+sys.exit(main())

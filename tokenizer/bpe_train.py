@@ -1,0 +1,184 @@
+"""Byte-level BPE training (the CS336 handout's algorithm), multiprocess pretokenization.
+
+1. The file is cut into pieces at special-token boundaries and pretokenized by a pool of workers;
+   each returns the counts of its unique pretokens, so memory follows the number of unique
+   pretokens, never the corpus size (pieces are read one at a time, never the whole file).
+2. Merges run over the unique pretokens with incremental pair counts: a pair -> words index and a
+   max-heap with lazy re-checks, so each merge touches only the words that contain the pair.
+
+Ties between equally frequent pairs go to the lexicographically greater pair of byte strings.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tokenizer.pretokenize import PRETOKEN_RE, chunk_boundaries, special_splitter, split_on_specials
+
+CHUNK_BYTES = 8 * 2**20
+
+
+class NotUTF8Error(ValueError):
+    pass
+
+
+def _count_chunk(args: tuple[str, int, int, tuple[str, ...]]) -> Counter:
+    path, start, end, specials = args
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUTF8Error(
+            f"{path}: bytes at offset {start + e.start} are not valid UTF-8 ({e.reason}); "
+            "fix or re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    splitter = special_splitter(specials)
+    counts: Counter = Counter()
+    for i, part in enumerate(split_on_specials(text, splitter)):
+        if i % 2 == 0 and part:
+            counts.update(m.encode("utf-8") for m in PRETOKEN_RE.findall(part))
+    return counts
+
+
+def count_pretokens(
+    input_path: str | os.PathLike, special_tokens: list[str], num_workers: int | None = None, progress: bool = False
+) -> Counter:
+    """Counts of every pretoken (as UTF-8 bytes) in the file, documents split on the special tokens."""
+    path = str(input_path)
+    workers = num_workers or os.cpu_count() or 1
+    split_token = special_tokens[0].encode("utf-8") if special_tokens else None
+    # The longest special token is the safest boundary marker when several are given.
+    if special_tokens:
+        split_token = max(special_tokens, key=len).encode("utf-8")
+    bounds = chunk_boundaries(path, CHUNK_BYTES, split_token)
+    jobs = [(path, a, b, tuple(special_tokens)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    total: Counter = Counter()
+    bar = tqdm(total=bounds[-1], unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            total.update(_count_chunk(job))
+            bar.update(job[2] - job[1])
+    else:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            for job, counts in zip(jobs, pool.map(_count_chunk, jobs)):
+                total.update(counts)
+                bar.update(job[2] - job[1])
+    bar.close()
+    return total
+
+
+class _Desc:
+    """Heap key ordering byte-string pairs descending, so a min-heap pops the greatest pair first."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple[bytes, bytes]):
+        self.key = key
+
+    def __lt__(self, other: "_Desc") -> bool:
+        return self.key > other.key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and self.key == other.key
+
+
+def merge_pretokens(
+    pretoken_counts: dict[bytes, int], num_merges: int, progress: bool = False
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Run ``num_merges`` BPE merges over pretoken counts; returns (vocab of 256 + merges, merges)."""
+    vocab: dict[int, bytes] = {i: bytes([i]) for i in range(256)}
+    words: list[list[int]] = []
+    freqs: list[int] = []
+    for tok, c in pretoken_counts.items():
+        if len(tok) > 1:
+            words.append(list(tok))
+            freqs.append(c)
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    pair_words: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for wi, w in enumerate(words):
+        f = freqs[wi]
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += f
+            pair_words[pair].add(wi)
+    heap = [(-c, _Desc((vocab[a], vocab[b])), a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[bytes, bytes]] = []
+    bar = tqdm(total=num_merges, desc="merges", disable=not progress)
+    while len(merges) < num_merges and heap:
+        negc, _, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b), 0) != -negc or negc == 0:
+            continue  # stale entry: the pair's count changed after it was pushed
+        new_id = len(vocab)
+        vocab[new_id] = vocab[a] + vocab[b]
+        merges.append((vocab[a], vocab[b]))
+        bar.update(1)
+        touched: set[tuple[int, int]] = set()
+        for wi in pair_words.pop((a, b), ()):
+            w = words[wi]
+            f = freqs[wi]
+            for pair in zip(w, w[1:]):
+                pair_counts[pair] -= f
+                touched.add(pair)
+            out: list[int] = []
+            i = 0
+            n = len(w)
+            while i < n:
+                if i + 1 < n and w[i] == a and w[i + 1] == b:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[wi] = out
+            for pair in zip(out, out[1:]):
+                pair_counts[pair] += f
+                pair_words[pair].add(wi)
+                touched.add(pair)
+        pair_counts.pop((a, b), None)
+        for pair in touched:
+            c = pair_counts.get(pair, 0)
+            if c > 0:
+                heapq.heappush(heap, (-c, _Desc((vocab[pair[0]], vocab[pair[1]])), pair[0], pair[1]))
+            else:
+                pair_counts.pop(pair, None)
+    bar.close()
+    return vocab, merges
+
+
+def train_bpe(
+    input_path: str | os.PathLike,
+    vocab_size: int,
+    special_tokens: list[str] | None = None,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Train a byte-level BPE; vocab = 256 bytes + merges + special tokens, exactly ``vocab_size``.
+
+    Fewer merges are made only when the corpus runs out of pairs (the vocab is then smaller).
+    """
+    special_tokens = list(dict.fromkeys(special_tokens or []))
+    path = Path(input_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training corpus not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"training corpus is empty: {path}")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(
+            f"vocab_size {vocab_size} is below 256 byte tokens + {len(special_tokens)} special tokens"
+        )
+    counts = count_pretokens(path, special_tokens, num_workers, progress)
+    if not counts:
+        raise ValueError(f"training corpus has no text outside special tokens: {path}")
+    vocab, merges = merge_pretokens(counts, vocab_size - 256 - len(special_tokens), progress)
+    for s in special_tokens:
+        vocab[len(vocab)] = s.encode("utf-8")
+    return vocab, merges

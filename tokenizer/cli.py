@@ -1,0 +1,94 @@
+"""``python -m tokenizer train|encode``: train a BPE on a text file, encode a corpus to token ids."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def _peak_rss_mb() -> tuple[float, float]:
+    """(this process, the largest finished child) peak resident memory in MB (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, child
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tokenizer.bpe_train import train_bpe
+    from tokenizer.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_token, args.workers, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    tok = Tokenizer(vocab, merges, args.special_token)
+    out = tok.save(args.out)
+    own, child = _peak_rss_mb()
+    specials = {s.encode() for s in args.special_token}
+    longest = sorted((b for b in vocab.values() if b not in specials), key=len, reverse=True)[:5]
+    meta = {
+        "input": str(Path(args.input).resolve()),
+        "vocab_size": len(vocab),
+        "merges": len(merges),
+        "special_tokens": args.special_token,
+        "workers": args.workers,
+        "seconds": round(seconds, 3),
+        "peak_rss_mb_main": round(own, 1),
+        "peak_rss_mb_largest_worker": round(child, 1),
+        "longest_tokens": [b.decode("utf-8", errors="replace") for b in longest],
+        "hash": tok.fingerprint(),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    print(f"trained {len(vocab)} tokens ({len(merges)} merges) in {seconds:.2f} s -> {out}")
+    print(f"peak memory: main {own:.0f} MB, largest worker {child:.0f} MB")
+    print("longest tokens: " + ", ".join(repr(b.decode("utf-8", errors="replace")) for b in longest))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from tokenizer.encode import encode_file
+
+    meta = encode_file(args.tokenizer, args.input, args.out, args.workers, progress=not args.quiet)
+    own, child = _peak_rss_mb()
+    print(
+        f"{meta['tokens']:,} tokens ({meta['dtype']}) from {meta['bytes'] / 1e6:.1f} MB in {meta['seconds']:.2f} s "
+        f"= {meta['mb_per_s']:.2f} MB/s with {meta['workers']} workers -> {args.out}"
+    )
+    print(f"peak memory: main {own:.0f} MB, largest worker {child:.0f} MB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tokenizer", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE on a UTF-8 text file")
+    t.add_argument("--input", required=True, help="UTF-8 training corpus")
+    t.add_argument("--vocab-size", type=int, required=True, help="final vocab size (256 bytes + merges + specials)")
+    t.add_argument("--special-token", action="append", default=[], help="a special token (repeatable), e.g. '<|endoftext|>'")
+    t.add_argument("--out", required=True, help="output directory (vocab.json, merges.txt, special_tokens.json, meta.json)")
+    t.add_argument("--workers", type=int, default=None, help="pretokenization processes (default: all cores)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("encode", help="encode a text file into a flat uint16/uint32 token file")
+    e.add_argument("--tokenizer", required=True, help="directory written by 'train' (or Tokenizer.save)")
+    e.add_argument("--input", required=True, help="UTF-8 text file")
+    e.add_argument("--out", required=True, help="output .bin file (a .json sidecar is written beside it)")
+    e.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_encode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

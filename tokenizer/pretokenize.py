@@ -1,0 +1,63 @@
+"""GPT-2 pretokenization, special-token splitting and special-token-aligned file chunks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import regex
+
+# GPT-2's pretokenization pattern (the handout's PAT).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PRETOKEN_RE = regex.compile(GPT2_PATTERN)
+
+
+def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
+    """A pattern that matches any special token, longest first (so "<|eot|><|eot|>" wins over "<|eot|>")."""
+    specials = sorted(set(special_tokens), key=len, reverse=True)
+    if not specials:
+        return None
+    return regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
+
+
+def split_on_specials(text: str, splitter: regex.Pattern | None) -> list[str]:
+    """Alternating [text, special, text, special, ..., text]: odd positions are special tokens."""
+    if splitter is None:
+        return [text]
+    return splitter.split(text)
+
+
+def chunk_boundaries(path: str | os.PathLike, target_chunk_bytes: int, split_token: bytes | None) -> list[int]:
+    """Byte offsets cutting the file into pieces of about ``target_chunk_bytes``, each cut placed at
+    the start of an occurrence of ``split_token`` so no document (and no pretoken) straddles a cut.
+    Without a split token (or where none is found) pieces grow until one is."""
+    size = os.path.getsize(path)
+    if not split_token or size <= target_chunk_bytes:
+        return [0, size]
+    bounds = [0]
+    block = 1 << 20
+    with open(path, "rb") as f:
+        pos = target_chunk_bytes
+        while pos < size:
+            f.seek(pos)
+            found = -1
+            scan = pos
+            carry = b""
+            while scan < size:
+                buf = f.read(block)
+                if not buf:
+                    break
+                data = carry + buf
+                idx = data.find(split_token)
+                if idx >= 0:
+                    found = scan - len(carry) + idx
+                    break
+                carry = data[-(len(split_token) - 1):] if len(split_token) > 1 else b""
+                scan += len(buf)
+            if found < 0:
+                break
+            if found > bounds[-1]:
+                bounds.append(found)
+            pos = max(found + 1, bounds[-1] + target_chunk_bytes)
+    bounds.append(size)
+    return bounds

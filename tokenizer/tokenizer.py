@@ -1,0 +1,267 @@
+"""``Tokenizer``: byte-level BPE encode/decode with special tokens, streaming, and file formats.
+
+Serialization (one format, GPT-2's): a directory with ``vocab.json`` ({token: id}, tokens written
+through GPT-2's byte-to-unicode map so every byte string is printable and space-free),
+``merges.txt`` (one merge per line, ``a b`` in the same map, in merge order) and
+``special_tokens.json`` (the list of special tokens). GPT-2's own ``vocab.json`` / ``merges.txt``
+load as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizer.pretokenize import PRETOKEN_RE, special_splitter, split_on_specials
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from byte values to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    return {v: k for k, v in bytes_to_unicode().items()}
+
+
+def _to_printable(b: bytes) -> str:
+    m = bytes_to_unicode()
+    return "".join(m[x] for x in b)
+
+
+def _from_printable(s: str) -> bytes:
+    m = unicode_to_bytes()
+    try:
+        return bytes(m[c] for c in s)
+    except KeyError as e:
+        raise ValueError(f"character {e.args[0]!r} is not in GPT-2's byte-to-unicode map") from None
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer. ``vocab``: id -> bytes; ``merges``: in creation order."""
+
+    def __init__(
+        self,
+        vocab: dict[int, bytes],
+        merges: list[tuple[bytes, bytes]],
+        special_tokens: list[str] | None = None,
+    ):
+        self.vocab = dict(vocab)
+        self.merges = list(merges)
+        self.special_tokens = list(dict.fromkeys(special_tokens or []))
+        self.byte_to_id: dict[bytes, int] = {b: i for i, b in self.vocab.items()}
+        for s in self.special_tokens:
+            sb = s.encode("utf-8")
+            if sb not in self.byte_to_id:
+                new_id = max(self.vocab, default=-1) + 1
+                self.vocab[new_id] = sb
+                self.byte_to_id[sb] = new_id
+        self.special_ids = {s: self.byte_to_id[s.encode("utf-8")] for s in self.special_tokens}
+        for i in range(256):
+            if bytes([i]) not in self.byte_to_id:
+                raise ValueError(f"vocab lacks the single byte {i}: not a byte-level BPE vocab")
+        self._byte_ids = [self.byte_to_id[bytes([i])] for i in range(256)]
+        # Merge ranks over ids: the pair (id_a, id_b) merges into id_ab with priority rank.
+        self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (a, b) in enumerate(self.merges):
+            try:
+                ia, ib, iab = self.byte_to_id[a], self.byte_to_id[b], self.byte_to_id[a + b]
+            except KeyError:
+                raise ValueError(f"merge {a!r} + {b!r} refers to bytes missing from the vocab") from None
+            self._ranks.setdefault((ia, ib), (rank, iab))
+        self._splitter = special_splitter(self.special_tokens)
+        self._cache: dict[str, list[int]] = {}
+        self._max_id = max(self.vocab)
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    def _bpe(self, piece: str) -> list[int]:
+        cached = self._cache.get(piece)
+        if cached is not None:
+            return cached
+        raw = piece.encode("utf-8")
+        byte_ids = self._byte_ids
+        ids = [byte_ids[x] for x in raw]
+        if len(ids) > 1:
+            ranks = self._ranks
+            while len(ids) > 1:
+                best = None
+                best_i = -1
+                for i in range(len(ids) - 1):
+                    r = ranks.get((ids[i], ids[i + 1]))
+                    if r is not None and (best is None or r[0] < best[0]):
+                        best, best_i = r, i
+                if best is None:
+                    break
+                pair = (ids[best_i], ids[best_i + 1])
+                out, i = [], 0
+                while i < len(ids):
+                    if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+                        out.append(best[1])
+                        i += 2
+                    else:
+                        out.append(ids[i])
+                        i += 1
+                ids = out
+        if len(self._cache) < 1_000_000:
+            self._cache[piece] = ids
+        return ids
+
+    def _encode_plain(self, text: str, out: list[int]) -> None:
+        bpe = self._bpe
+        for piece in PRETOKEN_RE.findall(text):
+            out.extend(bpe(piece))
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``; special tokens are never split (longest match first)."""
+        out: list[int] = []
+        for i, part in enumerate(split_on_specials(text, self._splitter)):
+            if i % 2:
+                out.append(self.special_ids[part])
+            elif part:
+                self._encode_plain(part, out)
+        return out
+
+    def _partial_special_start(self, buf: str) -> int:
+        """Where a suffix of ``buf`` that could still grow into a special token begins (len if none).
+
+        A complete special that is a prefix of a longer one counts as partial too: longest-first
+        matching may still turn it into the longer token."""
+        start = len(buf)
+        for s in self.special_tokens:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    start = min(start, len(buf) - k)
+                    break
+        return start
+
+    def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
+        """Stream ids for the concatenation of ``iterable`` (e.g. a file's lines or blocks) with the
+        ids ``encode`` gives for the whole text, holding only an unfinished pretoken in memory.
+
+        A pretoken is final once the next one has begun: GPT-2's pattern looks ahead at most one
+        character. So the last pretoken is held back (two if a special token may be starting right
+        after them, since the end of a text segment is itself a lookahead), and the pretokens before
+        it are emitted as matched, never re-split from a shorter string.
+        """
+        buf = ""
+        bpe = self._bpe
+        for piece in iterable:
+            if not piece:
+                continue
+            buf += piece
+            p = self._partial_special_start(buf)
+            parts = split_on_specials(buf[:p], self._splitter)
+            for i, part in enumerate(parts[:-1]):
+                if i % 2:
+                    yield self.special_ids[part]
+                elif part:
+                    yield from self.encode(part)
+            tail = parts[-1]
+            # Matched over the whole tail: a match must see its real next character, not an end.
+            pieces = PRETOKEN_RE.findall(tail)
+            keep = 2 if p < len(buf) else 1
+            if len(pieces) <= keep:
+                buf = buf[p - len(tail):]
+                continue
+            done = 0
+            for piece in pieces[:-keep]:
+                yield from bpe(piece)
+                done += len(piece)
+            buf = buf[p - len(tail) + done:]
+        if buf:
+            yield from self.encode(buf)
+
+    # --- decoding ---------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        vocab = self.vocab
+        try:
+            return b"".join(vocab[i] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is not in the vocabulary (0..{self._max_id})") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; malformed UTF-8 becomes U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --- files --------------------------------------------------------------------------------
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write vocab.json, merges.txt and special_tokens.json into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        special = {s.encode("utf-8") for s in self.special_tokens}
+        vocab_json = {
+            (b.decode("utf-8") if b in special else _to_printable(b)): i for i, b in sorted(self.vocab.items())
+        }
+        _atomic_write(out / "vocab.json", json.dumps(vocab_json, ensure_ascii=False))
+        lines = ["#version: 0.2 (fastlm byte-level BPE; GPT-2 format)"]
+        lines += [f"{_to_printable(a)} {_to_printable(b)}" for a, b in self.merges]
+        _atomic_write(out / "merges.txt", "\n".join(lines) + "\n")
+        _atomic_write(out / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False))
+        return out
+
+    @classmethod
+    def from_files(
+        cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike, special_tokens: list[str] | None = None
+    ) -> "Tokenizer":
+        """Load GPT-2-format ``vocab.json`` and ``merges.txt`` (ours or OpenAI's)."""
+        for p in (vocab_path, merges_path):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"tokenizer file not found: {p}")
+        special_tokens = list(special_tokens or [])
+        raw_vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        vocab = {}
+        for tok, i in raw_vocab.items():
+            vocab[int(i)] = tok.encode("utf-8") if tok in special_tokens else _from_printable(tok)
+        merges = []
+        for line in Path(merges_path).read_text(encoding="utf-8").splitlines():
+            if not line or line.startswith("#version"):
+                continue
+            a, b = line.split(" ")
+            merges.append((_from_printable(a), _from_printable(b)))
+        return cls(vocab, merges, special_tokens)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """Load a directory written by ``save`` (or by ``python -m tokenizer train``)."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {d}")
+        special_path = d / "special_tokens.json"
+        specials = json.loads(special_path.read_text(encoding="utf-8")) if special_path.exists() else []
+        return cls.from_files(d / "vocab.json", d / "merges.txt", specials)
+
+    def fingerprint(self) -> str:
+        """A short hash identifying the vocab, merges and special tokens."""
+        h = hashlib.sha256()
+        for i in sorted(self.vocab):
+            h.update(i.to_bytes(4, "little") + self.vocab[i] + b"\0")
+        for a, b in self.merges:
+            h.update(a + b"\1" + b + b"\0")
+        h.update("\0".join(self.special_tokens).encode())
+        return h.hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
