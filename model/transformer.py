@@ -77,8 +77,15 @@ class TransformerLM(nn.Module):
             x = layer(x, token_positions)
         return self.ln_final(x)
 
-    def forward(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """token_ids (..., T) -> logits (..., T, vocab_size)."""
+    def forward(
+        self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None, *, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """token_ids (..., T) -> logits (..., T, vocab_size); with ``targets``, the mean loss instead.
+
+        The loss path goes through ``forward`` so that DDP and torch.compile wrappers see it.
+        """
+        if targets is not None:
+            return self.loss(token_ids, targets)
         return self.lm_head(self.hidden_states(token_ids, token_positions))
 
     def loss(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
