@@ -1,0 +1,192 @@
+"""``python -m bench.report [RESULTS ...] --out DIR``: one Markdown report with PNG plots from
+benchmark results files (default: every file under bench/results/).
+
+Sections: provenance, device peaks (table and measured), kernels (% of peak per backend), end to end
+(tokens/s, MFU, peak memory, step-time breakdown), tokenizer ratios, and the analytic FLOPs breakdown
+across model sizes and context lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from bench.results import RESULTS_DIR, load_results
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kernels(rows, out: Path) -> Path | None:
+    rows = [r for r in rows if r.get("kind") == "kernel" and r.get("pct_of_peak") is not None]
+    if not rows:
+        return None
+    plt = _plt()
+    groups = sorted({(r["op"], r["shape"], r["mode"]) for r in rows})
+    backends = sorted({r["backend"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(groups) * len(backends) / 2), 5))
+    width = 0.8 / len(backends)
+    for i, b in enumerate(backends):
+        vals = []
+        for g in groups:
+            m = [r["pct_of_peak"] for r in rows if (r["op"], r["shape"], r["mode"]) == g and r["backend"] == b]
+            vals.append(m[0] if m else 0)
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=b)
+    ax.set_xticks([j + 0.4 for j in range(len(groups))])
+    ax.set_xticklabels([f"{o} {m}\n{s}" for o, s, m in groups], rotation=75, fontsize=6)
+    ax.set_ylabel("% of measured peak (bandwidth or bf16 matmul)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_e2e(rows, out: Path) -> Path | None:
+    rows = [r for r in rows if r.get("kind") == "e2e" and r.get("tokens_per_s")]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['preset']}\n{r['backend']}" for r in rows]
+    axes[0].bar(labels, [r["tokens_per_s"] for r in rows])
+    axes[0].set_ylabel("tokens/s")
+    comps = list(rows[0].get("breakdown_ms", {}).keys())
+    bottom = [0.0] * len(rows)
+    for c in comps:
+        vals = [r.get("breakdown_ms", {}).get(c, 0.0) for r in rows]
+        axes[1].bar(labels, vals, bottom=bottom, label=c)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[1].set_ylabel("device ms per step")
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_flops(out: Path) -> Path:
+    from model.flops import forward_flops_breakdown
+    from train.config import preset
+
+    plt = _plt()
+    names = ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (title, configs) in zip(axes, [
+        ("model size (T = 1024)", [(n, 1024) for n in names]),
+        ("context length (gpt2-xl)", [("gpt2-xl", t) for t in (256, 1024, 4096, 16384)]),
+    ]):
+        labels, parts = [], defaultdict(list)
+        for name, t in configs:
+            cfg, _ = preset(name)
+            br = forward_flops_breakdown(cfg, t, 1)
+            total = sum(br.values())
+            labels.append(f"{name}\nT={t}")
+            for k, v in br.items():
+                parts[k].append(100 * v / total)
+        bottom = [0.0] * len(labels)
+        for k, vals in parts.items():
+            ax.bar(labels, vals, bottom=bottom, label=k)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(title)
+        ax.set_ylabel("% of forward FLOPs")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_results(paths)
+    lines = ["# Benchmark report", ""]
+    metas = sorted({(r.get("device"), r.get("torch"), r.get("triton"), (r.get("git_commit") or "")[:10], r.get("date"), r.get("file")) for r in rows})
+    lines += ["## Provenance", "", "| device | torch | triton | commit | date | file |", "|---|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(map(str, m))} |" for m in metas]
+    peaks = [r for r in rows if r.get("kind") == "peaks"]
+    if peaks:
+        lines += ["", "## Device peaks", "", "| device | table bf16 TFLOP/s | table GB/s | measured matmul TFLOP/s | measured copy GB/s | source |", "|---|---|---|---|---|---|"]
+        for p in peaks:
+            t = p.get("table") or {}
+            lines.append(f"| {p['device']} | {_fmt(t.get('bf16_tflops'))} | {_fmt(t.get('bandwidth_gbs'))} | {_fmt(p.get('measured_matmul_tflops'))} | {_fmt(p.get('measured_copy_gbs'))} | {t.get('source', '-')} |")
+    kern = [r for r in rows if r.get("kind") == "kernel"]
+    if kern:
+        lines += ["", "## Kernels", "", "| op | shape | mode | backend | ms | GB/s | TFLOP/s | % of peak | peak MB | vs torch | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        base = {(r["op"], r["shape"], r["mode"], r["device"]): r.get("ms") for r in kern if r["backend"] == "torch"}
+        for r in kern:
+            ref = base.get((r["op"], r["shape"], r["mode"], r["device"]))
+            speedup = ref / r["ms"] if ref and r.get("ms") else None
+            lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['backend']} | {_fmt(r.get('ms'), 3)} | {_fmt(r.get('gb_s'), 0)} | {_fmt(r.get('tflops'), 1)} | {_fmt(r.get('pct_of_peak'), 1)} | {_fmt(r.get('peak_mem_mb'), 0)} | {_fmt(speedup)}x | {r.get('error', '')} |")
+        if plot_kernels(kern, out_dir / "kernels.png"):
+            lines += ["", "![kernels](kernels.png)"]
+    e2e = [r for r in rows if r.get("kind") == "e2e"]
+    if e2e:
+        lines += ["", "## End to end (one training step: forward, backward, optimizer)", "",
+                  "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB | matmul TFLOP/s | attention TFLOP/s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in e2e:
+            bt = r.get("breakdown_tflops") or {}
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+            mfu2 = f"{100 * r['mfu_measured_peak']:.1f}%" if r.get("mfu_measured_peak") else "-"
+            lines.append(f"| {r['preset']} | {r['backend']} | {r.get('batch_size', '-')} | {_fmt(r.get('ms'))} | {_fmt(r.get('tokens_per_s'), 0)} | {mfu} | {mfu2} | {_fmt(r.get('peak_mem_gb'))} | {_fmt(bt.get('matmul'), 1)} | {_fmt(bt.get('attention'), 1)} | {r.get('error', '')} |")
+        comps = sorted({c for r in e2e for c in (r.get("breakdown_ms") or {})})
+        if comps:
+            lines += ["", "Step time by component (device ms per step, from the profiler):", "",
+                      "| preset | backend | " + " | ".join(comps) + " |", "|---|---|" + "---|" * len(comps)]
+            for r in e2e:
+                b = r.get("breakdown_ms") or {}
+                lines.append(f"| {r['preset']} | {r['backend']} | " + " | ".join(_fmt(b.get(c)) for c in comps) + " |")
+        if plot_e2e(e2e, out_dir / "e2e.png"):
+            lines += ["", "![end to end](e2e.png)"]
+    lb = [r for r in rows if r.get("kind") == "largest_batch"]
+    if lb:
+        lines += ["", "## Largest batch that fits", "", "| preset | backend | batch |", "|---|---|---|"]
+        lines += [f"| {r['preset']} | {r['backend']} | {r['batch_size']} |" for r in lb]
+    tok = [r for r in rows if r.get("kind", "").startswith("tokenizer")]
+    if tok:
+        lines += ["", "## Tokenizer", ""]
+        for r in tok:
+            lines.append("- " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("file", "meta") and not isinstance(v, dict)))
+    plot_flops(out_dir / "flops.png")
+    lines += ["", "## FLOPs breakdown (analytic, `python -m bench.flops`)", "", "![flops](flops.png)", ""]
+    path = out_dir / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    p.add_argument("results", nargs="*", help="results files or directories (default: bench/results)")
+    p.add_argument("--out", default="bench/report", help="output directory for REPORT.md and the PNGs")
+    args = p.parse_args(argv)
+    paths = args.results or [RESULTS_DIR]
+    if not any(Path(x).exists() for x in paths):
+        print(f"error: no results found at {', '.join(map(str, paths))}; run: pytest bench --benchmark-only", file=sys.stderr)
+        return 1
+    print(build_report(paths, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Benchmark results with provenance: every row carries device, versions, commit and date.
+
+Rows are collected during a session and written as one JSON file under ``bench/results/`` (or
+``$BENCH_RESULTS_DIR``): ``{"meta": {...}, "rows": [...]}``. ``python -m bench.report`` reads them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from bench.peaks import device_name
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def provenance(device: torch.device | str) -> dict:
+    from train.trainer import git_commit
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+class ResultsWriter:
+    def __init__(self, device: torch.device | str, out_dir: str | Path | None = None):
+        self.meta = provenance(device)
+        self.rows: list[dict] = []
+        self.out_dir = Path(out_dir or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
+
+    def add(self, **row) -> dict:
+        row = {**row, "device": self.meta["device"]}
+        self.rows.append(row)
+        return row
+
+    def write(self) -> Path | None:
+        if not self.rows:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.meta["device"]).strip("-").lower()
+        stamp = self.meta["date"].replace(":", "").replace("+0000", "Z")
+        path = self.out_dir / f"{stamp}_{slug}_{(self.meta['git_commit'] or 'nogit')[:8]}.json"
+        path.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1, default=str))
+        return path
+
+
+def load_results(paths: list[str | Path]) -> list[dict]:
+    """All rows of the given result files (or directories of them), each with its file's meta."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+    rows = []
+    for f in files:
+        data = json.loads(f.read_text())
+        for r in data.get("rows", []):
+            rows.append({**data.get("meta", {}), **r, "file": f.name})
+    return rows

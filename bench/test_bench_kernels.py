@@ -1,0 +1,31 @@
+"""Kernel benchmarks: each op x backend x mode on the presets' shapes, bf16, on a GPU."""
+
+import pytest
+import torch
+
+from bench.conftest import GPU, requires_gpu
+from bench.kernel_cases import build_cases, run_case
+
+CASES = build_cases(torch.device("cuda" if GPU else "cpu"), quick=False) if GPU else []
+PARAMS = [
+    pytest.param(case, backend, mode, id=f"{case.op}[{case.shape}]-{backend}-{mode}")
+    for case in CASES for backend in case.backends for mode in case.modes
+]
+
+
+@requires_gpu
+@pytest.mark.parametrize("case,backend,mode", PARAMS or [pytest.param(None, None, None, id="no-gpu")])
+def test_kernel(benchmark, case, backend, mode, device, peaks, results, quick):
+    row, call = run_case(case, backend, mode, device, torch.bfloat16, peaks["copy_gbs"],
+                   peaks["matmul_tflops"] * 1e12 if peaks["matmul_tflops"] else None,
+                   warmup=10 if quick else 25, rep=30 if quick else 100)
+    results.add(**row)
+    benchmark.extra_info.update(row)
+    # pytest-benchmark's own table uses the host clock (with a sync per call); the number that
+    # counts is row["ms"], from CUDA events after warm-up.
+    if call is not None:
+        benchmark.pedantic(lambda: (call(), torch.cuda.synchronize()), rounds=5, iterations=1)
+    else:
+        benchmark.pedantic(torch.cuda.synchronize, rounds=1, iterations=1)
+    if "error" in row and backend == "ours" and "16k" not in case.shape:
+        pytest.fail(f"our kernel failed: {row['error']}")

@@ -1,0 +1,119 @@
+"""Tokenizer benchmarks on ../shared/data/novels100.txt: BPE training against Hugging Face
+``tokenizers`` (and rustbpe when installed), encoding against tiktoken, as ratios in one run."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "novels100.txt"
+GPT2 = ROOT.parent / "shared" / "data"
+EOT = "<|endoftext|>"
+WORKERS = min(2, os.cpu_count() or 1)
+
+pytestmark = pytest.mark.skipif(not CORPUS.exists(), reason=f"benchmark corpus not found: {CORPUS}")
+
+
+def _corpus(tmp_path_factory, quick):
+    if not quick:
+        return CORPUS
+    small = tmp_path_factory.mktemp("corpus") / "novels_10mb.txt"
+    with open(CORPUS, "rb") as f:
+        data = f.read(10 * 2**20)
+    small.write_bytes(data[: data.rfind(EOT.encode())])
+    return small
+
+
+def _run_measured(cmd: list[str], env=None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a command's whole process tree: the parent's peak plus its
+    largest child's (what getrusage can see of children)."""
+    code = (
+        "import resource, subprocess, sys, time, json; t = time.perf_counter(); "
+        f"r = subprocess.run({cmd!r}, capture_output=True); dt = time.perf_counter() - t; "
+        "c = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+        "print(json.dumps([r.returncode, dt, c, r.stderr.decode()[-2000:]]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    rc, dt, child_kb, err = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rc == 0, err
+    return dt, child_kb / 1024
+
+
+def test_bpe_training_vs_hf_tokenizers(benchmark, tmp_path_factory, results, quick):
+    corpus = _corpus(tmp_path_factory, quick)
+    out = tmp_path_factory.mktemp("bpe")
+    measured = {}
+    ours_cmd = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "10000",
+                "--special-token", EOT, "--out", str(out), "--workers", str(WORKERS), "--quiet"]
+    benchmark.pedantic(lambda: measured.update(ours=_run_measured(ours_cmd)), rounds=1, iterations=1)
+    ours_s = measured["ours"][0]
+    meta = json.loads((out / "meta.json").read_text())
+    ours_mem = meta["peak_rss_mb_main"] + WORKERS * meta["peak_rss_mb_largest_worker"]
+    hf_code = (
+        "from tokenizers import ByteLevelBPETokenizer; import sys; "
+        "t = ByteLevelBPETokenizer(); "
+        f"t.train([{str(corpus)!r}], vocab_size=10000, special_tokens=[{EOT!r}], show_progress=False)"
+    )
+    env = {**os.environ, "RAYON_NUM_THREADS": str(WORKERS)}
+    hf_s, hf_mem = _run_measured([sys.executable, "-c", hf_code], env=env)
+    row = dict(kind="tokenizer_train", corpus=corpus.name, corpus_mb=corpus.stat().st_size / 1e6, vocab_size=10000,
+               workers=WORKERS, ours_s=ours_s, hf_tokenizers_s=hf_s, ratio_vs_hf=ours_s / hf_s,
+               ours_peak_mb_all_processes=ours_mem, hf_peak_mb=hf_mem)
+    try:
+        import rustbpe  # noqa: F401
+
+        rb_code = (
+            "import rustbpe; t = rustbpe.Tokenizer(); "
+            f"t.train_from_iterator(open({str(corpus)!r}, encoding='utf-8'), 10000)"
+        )
+        rb_s, _ = _run_measured([sys.executable, "-c", rb_code], env=env)
+        row.update(rustbpe_s=rb_s, ratio_vs_rustbpe=ours_s / rb_s)
+    except Exception:
+        row["rustbpe_s"] = None
+    results.add(**row)
+    benchmark.extra_info.update(row)
+
+
+def test_encoding_vs_tiktoken(benchmark, results, quick):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tokenizer import Tokenizer
+    from tokenizer.pretokenize import GPT2_PATTERN
+    from tokenizer.tokenizer import _from_printable
+
+    n_bytes = (4 if quick else 23) * 10**6
+    with open(CORPUS, "rb") as f:
+        text = f.read(n_bytes).decode("utf-8", errors="ignore")
+    mb = len(text.encode()) / 1e6
+    tok = Tokenizer.from_files(GPT2 / "gpt2_vocab.json", GPT2 / "gpt2_merges.txt", [EOT])
+    vocab = json.loads((GPT2 / "gpt2_vocab.json").read_text())
+    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN,
+                            mergeable_ranks={_from_printable(k): v for k, v in vocab.items() if k != EOT},
+                            special_tokens={EOT: 50256})
+    timed = {}
+
+    def ours_encode():
+        t = time.perf_counter()
+        timed["ids"] = tok.encode(text)
+        timed["s"] = time.perf_counter() - t
+
+    benchmark.pedantic(ours_encode, rounds=1, iterations=1)
+    ours, ours_s = timed["ids"], timed["s"]
+    tok._cache.clear()
+    t = time.perf_counter()
+    streamed = sum(1 for _ in tok.encode_iterable(text[i:i + 4096] for i in range(0, len(text), 4096)))
+    stream_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = enc.encode(text, allowed_special="all")
+    tik_s = time.perf_counter() - t
+    assert ours == ref and streamed == len(ref)
+    row = dict(kind="tokenizer_encode", corpus=CORPUS.name, mb=mb, processes=1, ours_mb_s=mb / ours_s,
+               ours_iterable_mb_s=mb / stream_s, tiktoken_mb_s=mb / tik_s, ratio_vs_tiktoken=(mb / ours_s) / (mb / tik_s),
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    results.add(**row)
+    benchmark.extra_info.update(row)
