@@ -17,6 +17,7 @@ export PYTHONPATH=${PYTHONPATH:-.}:.
 export PYTHONUNBUFFERED=1
 export BENCH_RESULTS_DIR="$OUT/results"
 export BENCH_QUICK=1
+export BENCH_PRESETS=${BENCH_PRESETS:-tinystories,gpt2-small}
 GPU_DATA=${GPU_DATA:-.gpu_data}
 start=$(date +%s)
 section() { echo; echo "=== $1 ($(( $(date +%s) - start )) s) ==="; }

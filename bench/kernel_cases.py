@@ -78,10 +78,17 @@ PRESET_SHAPES = {
 }
 
 
-def build_cases(device: torch.device, quick: bool = False) -> list[Case]:
-    """All kernel cases; ``quick`` keeps one preset (for CPU checks of the harness itself)."""
+def build_cases(device: torch.device, quick: bool = False, presets: list[str] | None = None) -> list[Case]:
+    """Kernel cases for the given presets' shapes (default all); ``quick`` uses one tiny shape
+    (for CPU checks of the harness itself)."""
     triton_ops = get_ops("triton") if device.type == "cuda" else None
-    presets = {"tiny": dict(B=2, T=16, d=32, d_ff=48, H=2, D=16, V=101)} if quick else PRESET_SHAPES
+    if quick:
+        presets = {"tiny": dict(B=2, T=16, d=32, d_ff=48, H=2, D=16, V=101)}
+    else:
+        unknown = set(presets or []) - set(PRESET_SHAPES)
+        if unknown:
+            raise ValueError(f"unknown benchmark presets {sorted(unknown)}; known: {', '.join(PRESET_SHAPES)}")
+        presets = {k: v for k, v in PRESET_SHAPES.items() if presets is None or k in presets}
     cases: list[Case] = []
 
     def rq(*shape, dtype, scale=1.0):

@@ -1,12 +1,16 @@
 """Kernel benchmarks: each op x backend x mode on the presets' shapes, bf16, on a GPU."""
 
+import os
+
 import pytest
 import torch
 
 from bench.conftest import GPU, requires_gpu
 from bench.kernel_cases import build_cases, run_case
 
-CASES = build_cases(torch.device("cuda" if GPU else "cpu"), quick=False) if GPU else []
+# BENCH_PRESETS=tinystories,gpt2-small limits the model shapes (the GPU check does, for time).
+_PRESETS = [p for p in os.environ.get("BENCH_PRESETS", "").split(",") if p] or None
+CASES = build_cases(torch.device("cuda"), presets=_PRESETS) if GPU else []
 PARAMS = [
     pytest.param(case, backend, mode, id=f"{case.op}[{case.shape}]-{backend}-{mode}")
     for case in CASES for backend in case.backends for mode in case.modes

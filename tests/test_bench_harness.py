@@ -1,0 +1,94 @@
+"""The benchmark harness's own logic, on the CPU: FLOPs accounting against FlopCounterMode, the
+FLOPs CLI, kernel cases, result provenance and the report."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.flops import flops_report
+from bench.flops import main as flops_main
+from bench.kernel_cases import build_cases, run_case
+from bench.peaks import lookup_peak
+from bench.report import build_report
+from bench.results import ResultsWriter, load_results
+from model import ModelConfig, TransformerLM
+from model.flops import count_parameters, forward_flops_breakdown
+
+
+@pytest.mark.parametrize("ffn,d_ff", [("swiglu", 80), ("silu", 128)])
+def test_analytic_flops_match_flop_counter(ffn, d_ff):
+    cfg = ModelConfig(vocab_size=97, context_length=24, d_model=32, num_layers=2, num_heads=4, d_ff=d_ff, ffn=ffn)
+    model = TransformerLM(cfg)
+    x = torch.randint(0, 97, (3, 24))
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    assert fc.get_total_flops() == sum(forward_flops_breakdown(cfg, 24, 3).values())
+    assert count_parameters(cfg)["total"] == model.num_parameters()
+
+
+def test_analytic_training_flops_match_flop_counter_on_both_backends():
+    cfg = ModelConfig(vocab_size=97, context_length=16, d_model=32, num_layers=1, num_heads=2, d_ff=48)
+    x = torch.randint(0, 97, (2, 16))
+    expect = 3 * sum(forward_flops_breakdown(cfg, 16, 2).values())
+    for kernels in ("torch", "triton"):
+        model = TransformerLM(cfg, kernels=kernels)
+        with FlopCounterMode(display=False) as fc:
+            model(x, targets=x).backward()
+        assert fc.get_total_flops() == expect, kernels
+
+
+def test_flops_cli_json_matches_the_writeup(capsys):
+    assert flops_main(["--preset", "gpt2-xl", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == 2_127_057_600
+    assert out["forward_flops"] == pytest.approx(4.513e12, rel=1e-3)
+    assert set(out["breakdown"]) == {"attn_proj", "attn_matmul", "ffn", "lm_head"}
+    assert out["forward_flops"] == sum(out["breakdown"].values())
+    assert out["breakdown_pct"]["ffn"] == pytest.approx(66.91, abs=0.01)
+    long = flops_report("gpt2-xl", seq_len=16384)
+    assert long["forward_flops"] / out["forward_flops"] == pytest.approx(33.13, abs=0.01)
+    assert flops_main(["--preset", "tinystories", "--batch-size", "0"]) == 2
+
+
+def test_memory_estimate_is_in_the_right_range():
+    r = flops_report("gpt2-xl", batch_size=1, fused=False)
+    gib = r["memory_estimate_bytes"]["params"] / 2**30
+    assert gib == pytest.approx(7.92, abs=0.01)
+
+
+def test_peak_table_lookup():
+    assert lookup_peak("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert lookup_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert lookup_peak("NVIDIA H200").bandwidth_gbs == 4800.0
+    assert lookup_peak("NVIDIA GeForce RTX 5090").bf16_tflops == 209.5
+    assert lookup_peak("NVIDIA A100-SXM4-80GB").name == "A100 SXM 80GB"
+    assert lookup_peak("NVIDIA B200") and lookup_peak("NVIDIA L40S")
+    assert lookup_peak("Some Unknown GPU") is None
+
+
+def test_kernel_cases_run_on_cpu_and_results_make_a_report(tmp_path):
+    cases = build_cases(torch.device("cpu"), quick=True)
+    assert {c.op for c in cases} == {"rms_norm", "swiglu", "rope_qk", "attention", "cross_entropy"}
+    writer = ResultsWriter("cpu", tmp_path)
+    for case in cases:
+        for mode in case.modes:
+            row, call = run_case(case, "torch", mode, torch.device("cpu"), torch.float32, 10.0, 1e12, warmup=1, rep=3)
+            assert "error" not in row, row
+            assert row["ms"] > 0 and (row.get("gb_s") or row.get("tflops")) > 0
+            writer.add(**row)
+    path = writer.write()
+    rows = load_results([tmp_path])
+    assert len(rows) == len(writer.rows) and all(r["device"] and r["torch"] and r["git_commit"] for r in rows)
+    assert path.name.endswith(".json")
+    report = build_report([tmp_path], tmp_path / "rep")
+    text = report.read_text()
+    assert "| rms_norm |" in text and "Provenance" in text and (tmp_path / "rep" / "flops.png").exists()
+
+
+def test_failing_backend_is_a_row_not_a_crash():
+    case = build_cases(torch.device("cpu"), quick=True)[0]
+    case.backends["broken"] = lambda *a: 1 / 0
+    row, call = run_case(case, "broken", "fwd", torch.device("cpu"), torch.float32, None, None, warmup=1, rep=3)
+    assert row["error"].startswith("ZeroDivisionError") and call is None
