@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
@@ -114,6 +116,18 @@ def fetch_dataset(name: str, data_dir: str | Path, mirror: str | None = None, pr
     return paths[0], paths[1]
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock file: concurrent runs (array tasks, DDP ranks) prepare a cache entry once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _file_hash(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -138,20 +152,19 @@ def prepare_text(
     key = hashlib.sha256(f"{_file_hash(train_text)}|{vocab_size}|{special_token}".encode()).hexdigest()[:16]
     cache = Path(data_dir) / "prepared" / key
     tok_dir = cache / "tokenizer"
-    if not (tok_dir / "vocab.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        vocab, merges = train_bpe(train_text, vocab_size, [special_token], progress=progress)
-        tmp_dir = cache / "tokenizer.tmp"
-        Tokenizer(vocab, merges, [special_token]).save(tmp_dir)
-        os.replace(tmp_dir, tok_dir)
     train_bin = cache / "train.bin"
-    if not train_bin.exists():
-        encode_file(tok_dir, train_text, train_bin, progress=progress)
-    if valid_text is not None:
-        vkey = _file_hash(Path(valid_text))[:16]
-        valid_bin = cache / f"valid-{vkey}.bin"
-        if not valid_bin.exists():
+    valid_bin = cache / f"valid-{_file_hash(Path(valid_text))[:16]}.bin" if valid_text is not None else None
+    with _locked(cache / ".lock"):
+        if not (tok_dir / "vocab.json").exists():
+            vocab, merges = train_bpe(train_text, vocab_size, [special_token], progress=progress)
+            tmp_dir = cache / "tokenizer.tmp"
+            Tokenizer(vocab, merges, [special_token]).save(tmp_dir)
+            os.replace(tmp_dir, tok_dir)
+        if not train_bin.exists():
+            encode_file(tok_dir, train_text, train_bin, progress=progress)
+        if valid_bin is not None and not valid_bin.exists():
             encode_file(tok_dir, valid_text, valid_bin, progress=progress)
+    if valid_bin is not None:
         return PreparedData(load_tokens(train_bin), load_tokens(valid_bin), str(tok_dir))
     train, valid = split_tail(load_tokens(train_bin))
     return PreparedData(train, valid, str(tok_dir))

@@ -1,0 +1,161 @@
+"""Sweeps without Slurm, and on a real one-node Slurm cluster (munged, slurmctld, slurmd on
+127.0.0.1) started and stopped by these tests. The cluster tests need Debian's slurm-wlm and munge
+(``.ci/run`` installs them) and root; elsewhere they are skipped with the reason."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from train.sweep import array_spec, configurations, load_sweep, main as sweep_main, run_name, train_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "corpus.en"
+
+
+def write_sweep(tmp_path, name, grid, max_steps, **fixed):
+    lines = [f'name = "{name}"', 'preset = "smoke"', "max_concurrent = 2", "[fixed]",
+             'kernels = "torch"', 'device = "cpu"', f'train_text = "{CORPUS}"', f'data_dir = "{tmp_path / "data"}"',
+             f'out_dir = "{tmp_path / "runs"}"', f"max_steps = {max_steps}", "sample_tokens = 0"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in fixed.items()]
+    lines += ["[grid]"] + [f"{k} = {json.dumps(v)}" for k, v in grid.items()]
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sweep_file_decoding(tmp_path):
+    path = write_sweep(tmp_path, "g", {"lr": [1e-3, 3e-3], "use_rope": [True, False]}, 5)
+    sweep = load_sweep(path)
+    configs = configurations(sweep)
+    assert len(configs) == 4 and array_spec(sweep) == "0-3%2"
+    assert run_name(sweep, configs[1]) == "g-lr=0.001-use_rope=False"
+    args = train_args(sweep, 1)
+    assert args[:2] == ["--preset", "smoke"] and "--no-use-rope" in args and args[args.index("--lr") + 1] == "0.001"
+    with pytest.raises(IndexError):
+        train_args(sweep, 4)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('preset = "smoke"\n[grid]\nlr = []\n')
+    with pytest.raises(ValueError, match="non-empty"):
+        load_sweep(bad)
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/corpus.en")
+def test_sweep_runs_locally_without_slurm_and_summarizes(tmp_path, capsys):
+    path = write_sweep(tmp_path, "loc", {"lr": [3e-3, 1e30]}, 12, log_interval=4, eval_interval=4, grad_clip=0, warmup_iters=0, min_lr=0)
+    assert sweep_main(["run", str(path)]) == 1  # the lr=1e30 run diverges
+    capsys.readouterr()
+    assert sweep_main(["summarize", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "loc-lr=0.003" in table and "loc-lr=1e+30" in table and "DIVERGED" in table
+    assert (tmp_path / "runs" / "curves.png").exists() and (tmp_path / "runs" / "swept_value.png").exists()
+
+
+# --- a real Slurm cluster ---------------------------------------------------------------------
+
+def _slurm_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to start slurmctld/slurmd"
+    for b in ("munged", "slurmctld", "slurmd", "sbatch"):
+        if shutil.which(b) is None:
+            return f"{b} not installed (apt-get install slurm-wlm munge)"
+    if not CORPUS.exists():
+        return "needs ../shared/data/corpus.en"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = _slurm_available()
+    if why:
+        pytest.skip(why)
+    d = tmp_path_factory.mktemp("slurm")
+    out = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "start", str(d)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
+    yield env
+    subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "stop", str(d)], timeout=60)
+
+
+def _sh(env, *cmd, check=True):
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert not check or r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _submit_sweep(env, sweep_path, job_name):
+    launcher = _sh(env, "sbatch", f"--job-name={job_name}", "slurm/sweep.sh", str(sweep_path)).split()[-1]
+    log = ROOT / "logs" / f"{job_name}_{launcher}_4294967294.out"
+    _wait(lambda: log.exists() and "Submitted batch job" in log.read_text(), 60, "the array submission")
+    array_id = log.read_text().split("Submitted batch job")[-1].split()[0]
+    log.unlink()
+    return array_id
+
+
+def _logs(job_name, array_id):
+    return sorted((ROOT / "logs").glob(f"{job_name}_{array_id}_*.out"))
+
+
+def test_sbatch_sweep_runs_every_configuration(slurm, tmp_path):
+    path = write_sweep(tmp_path, "arr", {"lr": [1e-3, 3e-3, 1e-2]}, 30, log_interval=10, eval_interval=10)
+    name = f"t-sweep-{os.getpid()}"
+    array_id = _submit_sweep(slurm, path, name)
+    _wait(lambda: _sh(slurm, "squeue", "-h", "-j", array_id, check=False) == "", 400, "the array to finish")
+    logs = _logs(name, array_id)
+    try:
+        assert len(logs) == 3, [p.name for p in logs]
+        for i, lr in enumerate(["0.001", "0.003", "0.01"]):
+            run = tmp_path / "runs" / f"arr-lr={lr}"
+            summary = json.loads((run / "summary.json").read_text())
+            assert summary["status"] == "finished" and summary["step"] == 30, (run, summary)
+            metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+            assert [m["step"] for m in metrics] == [10, 20, 30] and all("val_loss" in m for m in metrics)
+        table = _sh(slurm, "python", "-m", "train.sweep", "summarize", str(tmp_path / "runs"))
+        assert all(f"arr-lr={lr}" in table for lr in ("0.001", "0.003", "0.01"))
+    finally:
+        for p in logs:
+            p.unlink(missing_ok=True)
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    steps = 150
+    path = write_sweep(tmp_path, "sig", {"lr": [3e-3]}, steps, log_interval=1, eval_interval=1000, checkpoint_interval=1000)
+    name = f"t-sig-{os.getpid()}"
+    array_id = _submit_sweep(slurm, path, name)
+    task = f"{array_id}_0"
+    metrics_file = tmp_path / "runs" / "sig-lr=0.003" / "metrics.jsonl"
+    _wait(lambda: metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3, 120, "the first steps")
+    _sh(slurm, "scancel", "--signal=USR1", task)
+    # The task checkpoints, exits 3 and requeues itself. Slurm holds a requeued job for about two
+    # minutes before it is eligible again; release it now so the test does not wait.
+    _wait(lambda: "PENDING" in _sh(slurm, "scontrol", "show", "job", task, check=False), 120, "the requeue")
+    ckpts = list((tmp_path / "runs" / "sig-lr=0.003" / "checkpoints").glob("*.pt"))
+    assert len(ckpts) == 1
+    stopped_at = int(ckpts[0].stem.split("_")[1])
+    assert 3 <= stopped_at < steps
+    _sh(slurm, "scontrol", "update", f"jobid={task}", "StartTime=now")
+    _wait(lambda: _sh(slurm, "squeue", "-h", "-j", array_id, check=False) == "", 300, "the resumed task")
+    logs = _logs(name, array_id)
+    try:
+        text = logs[0].read_text()
+        assert "restart 1" in text and "requeueing" in text, text[-2000:]
+        summary = json.loads((tmp_path / "runs" / "sig-lr=0.003" / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["step"] == steps
+        logged = [json.loads(l)["step"] for l in metrics_file.read_text().splitlines()]
+        assert logged == list(range(1, steps + 1))  # resumed where it stopped: no step lost or repeated
+    finally:
+        for p in logs:
+            p.unlink(missing_ok=True)

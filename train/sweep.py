@@ -1,0 +1,211 @@
+"""Sweeps: a grid defined once in a sweep file, run as a Slurm job array or locally, then summarised.
+
+A sweep file (TOML or JSON)::
+
+    name = "lr"                # runs are named <name>-<key>=<value>-...
+    preset = "tinystories"
+    max_concurrent = 4         # the %K of --array
+    [fixed]                    # settings shared by every run (any python -m train flag, as field names)
+    max_steps = 5000
+    [grid]                     # the varied settings: every combination is one array task
+    lr = [3e-4, 1e-3, 3e-3]
+
+Commands::
+
+    python -m train.sweep count SWEEP          # number of configurations
+    python -m train.sweep args SWEEP INDEX     # the python -m train arguments of one configuration
+    python -m train.sweep array SWEEP          # the --array value, e.g. 0-2%4
+    python -m train.sweep run SWEEP            # without Slurm: every configuration, one after another
+    python -m train.sweep summarize DIR        # table and plots of a sweep's runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+
+def load_sweep(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"sweep file not found: {p}")
+    if p.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(p.read_text())
+    else:
+        data = json.loads(p.read_text())
+    grid = data.get("grid") or {}
+    if not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError(f"{p}: [grid] must map each varied setting to a non-empty list of values")
+    data.setdefault("name", p.stem)
+    data.setdefault("fixed", {})
+    data.setdefault("max_concurrent", 4)
+    return data
+
+
+def configurations(sweep: dict) -> list[dict]:
+    keys = list(sweep["grid"])
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep["grid"][k] for k in keys))]
+
+
+def run_name(sweep: dict, config: dict) -> str:
+    def fmt(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return sweep["name"] + "-" + "-".join(f"{k}={fmt(v)}" for k, v in config.items())
+
+
+def _flag(key: str, value) -> list[str]:
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + key.replace("_", "-")]
+    return [flag, str(value)]
+
+
+def train_args(sweep: dict, index: int, out_dir: str | None = None) -> list[str]:
+    configs = configurations(sweep)
+    if not 0 <= index < len(configs):
+        raise IndexError(f"configuration {index} out of range: the sweep has {len(configs)}")
+    config = configs[index]
+    args = ["--preset", sweep.get("preset", "tinystories")]
+    fixed = dict(sweep["fixed"])
+    out = out_dir or fixed.pop("out_dir", None) or sweep.get("out_dir") or f"runs/{sweep['name']}"
+    for k, v in {**fixed, **config}.items():
+        args += _flag(k, v)
+    args += ["--run-name", run_name(sweep, config), "--out-dir", str(out)]
+    return args
+
+
+def array_spec(sweep: dict) -> str:
+    n = len(configurations(sweep))
+    return f"0-{n - 1}%{max(1, int(sweep['max_concurrent']))}"
+
+
+# --- summaries ------------------------------------------------------------------------------------
+
+def summarize(sweep_dir: str | Path, out: str | Path | None = None) -> tuple[str, list[dict]]:
+    """A Markdown table of each run's final/best validation loss, tokens/s, MFU, wall time and status,
+    diverged runs flagged; writes curves (vs steps and wall clock) and swept value vs loss plots."""
+    sweep_dir = Path(sweep_dir)
+    runs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").exists() or (p / "summary.json").exists())
+    if not runs:
+        raise FileNotFoundError(f"no runs (directories with metrics.jsonl) under {sweep_dir}")
+    rows = []
+    for run in runs:
+        metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()] if (run / "metrics.jsonl").exists() else []
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+        vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+        train = [m["train_loss"] for m in metrics if m.get("train_loss") is not None]
+        tps = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]
+        mfu = [m["mfu"] for m in metrics if m.get("mfu")]
+        status = summary.get("status", "running?")
+        diverged = status == "diverged" or any(not math.isfinite(x) for x in train) or (len(vals) > 1 and vals[-1] > 1.5 * min(vals))
+        rows.append({
+            "run": run.name, "status": status, "steps": summary.get("step", metrics[-1]["step"] if metrics else 0),
+            "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
+            "tokens_per_s": sum(tps) / len(tps) if tps else None, "mfu": sum(mfu) / len(mfu) if mfu else None,
+            "wall_time_s": summary.get("wall_time", metrics[-1].get("wall_time") if metrics else None),
+            "diverged": diverged,
+        })
+    lines = ["| run | status | steps | final val | best val | tokens/s | MFU | wall s | |", "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, nd=4: "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    for r in sorted(rows, key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0)):
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['run']} | {r['status']} | {r['steps']} | {f(r['final_val_loss'])} | {f(r['best_val_loss'])} | "
+                     f"{f(r['tokens_per_s'], 0)} | {mfu} | {f(r['wall_time_s'], 1)} | "
+                     f"{'DIVERGED' if r['diverged'] else ''} |")
+    table = "\n".join(lines)
+    out = Path(out or sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from train.plot import plot_runs
+
+    plot_runs([str(sweep_dir / r["run"]) for r in rows], out / "curves.png")
+    _plot_swept_value(rows, out / "swept_value.png")
+    (out / "summary.md").write_text(table + "\n")
+    return table, rows
+
+
+def _plot_swept_value(rows: list[dict], path: Path) -> None:
+    """Best validation loss against each run's varied value (parsed from the run names)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["best_val_loss"] is None:
+            continue
+        for part in r["run"].split("-")[1:]:
+            if "=" in part:
+                k, v = part.split("=", 1)
+                try:
+                    series.setdefault(k, []).append((float(v), r["best_val_loss"]))
+                except ValueError:
+                    pass
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
+        if len(pts) > 1 and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) > 20:
+            ax.set_xscale("log")
+    ax.set_xlabel("swept value")
+    ax.set_ylabel("best validation loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("count", "array", "run"):
+        s = sub.add_parser(name)
+        s.add_argument("sweep")
+        if name == "run":
+            s.add_argument("--out-dir", default=None)
+    s = sub.add_parser("args")
+    s.add_argument("sweep")
+    s.add_argument("index", type=int)
+    s.add_argument("--out-dir", default=None)
+    s = sub.add_parser("summarize")
+    s.add_argument("dir")
+    s.add_argument("--out", default=None, help="where summary.md and the plots go (default: DIR)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "summarize":
+            table, _ = summarize(args.dir, args.out)
+            print(table)
+            return 0
+        sweep = load_sweep(args.sweep)
+        if args.cmd == "count":
+            print(len(configurations(sweep)))
+        elif args.cmd == "array":
+            print(array_spec(sweep))
+        elif args.cmd == "args":
+            print(shlex.join(train_args(sweep, args.index, args.out_dir)))
+        elif args.cmd == "run":
+            from train.cli import main as train_main
+
+            codes = []
+            for i in range(len(configurations(sweep))):
+                a = train_args(sweep, i, args.out_dir)
+                print(f"[{i + 1}/{len(configurations(sweep))}] python -m train {shlex.join(a)}", file=sys.stderr)
+                codes.append(train_main(a))
+            return 0 if all(c == 0 for c in codes) else 1
+    except (FileNotFoundError, ValueError, IndexError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
