@@ -45,3 +45,21 @@ def test_triton_and_torch_backends_train_to_the_same_losses(ablation):
     # The logits path (evaluation, generation) agrees too.
     x, _ = get_batch(data, 2, 24, DEV, rng)
     torch.testing.assert_close(fused(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_has_no_graph_breaks():
+    # fullgraph=True raises on any graph break: the fused ops must appear as single custom-op nodes.
+    cfg = tiny(vocab_size=64, context_length=16, num_layers=1)
+    torch.manual_seed(0)
+    m = TransformerLM(cfg, kernels="triton").to(DEV)
+    x = torch.randint(0, 64, (2, 16), device=DEV)
+    compiled = torch.compile(m, fullgraph=True)
+    loss = compiled(x, targets=x)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    eager = m(x, targets=x)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
