@@ -15,6 +15,21 @@ from tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE
 
 EOT = "<|endoftext|>"
 
+IMPLS = ["native", "python"]
+
+
+def python_only(tok: Tokenizer) -> Tokenizer:
+    """The same tokenizer with its compiled encoder switched off (the pure-Python path)."""
+    tok._encoder_tried, tok._encoder = True, None
+    tok._cache.clear()
+    return tok
+
+
+def test_native_core_builds_and_loads():
+    from tokenizer import native
+
+    assert native.load() is not None, "the compiled BPE core did not build (see the warning)"
+
 
 def naive_bpe(text: str, vocab_size: int, specials: list[str]):
     """The handout's algorithm, written the slow obvious way: recount every pair every merge."""
@@ -50,25 +65,27 @@ def naive_bpe(text: str, vocab_size: int, specials: list[str]):
     return merges
 
 
-def test_trainer_matches_naive_oracle(tmp_path):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_trainer_matches_naive_oracle(tmp_path, impl):
     text = (
         "low low low low low lower lower widest widest widest newest newest newest newest newest newest "
         f"{EOT}the cat sat on the mat. the cat's hat!{EOT} ab ab ba ba zz zz 12 123 1234 "
     ) * 3
     path = tmp_path / "c.txt"
     path.write_text(text)
-    vocab, merges = train_bpe(path, 300, [EOT], num_workers=1)
+    vocab, merges = train_bpe(path, 300, [EOT], num_workers=1, use_native=impl == "native")
     assert merges == naive_bpe(text, 300, [EOT])
     assert len(vocab) == 256 + len(merges) + 1 and vocab[len(vocab) - 1] == EOT.encode()
 
 
-def test_trainer_on_real_corpus_matches_oracle_and_is_worker_independent(shared_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_trainer_on_real_corpus_matches_oracle_and_is_worker_independent(shared_data, tmp_path, monkeypatch, impl):
     text = (shared_data / "corpus.en").read_text()[:20000]
     path = tmp_path / "c.txt"
     path.write_text(text)
     expect = naive_bpe(text, 330, [EOT])
     monkeypatch.setattr(bpe_train, "CHUNK_BYTES", 3000)  # force many chunks
-    results = [train_bpe(path, 330, [EOT], num_workers=w) for w in (1, 2, 3)]
+    results = [train_bpe(path, 330, [EOT], num_workers=w, use_native=impl == "native") for w in (1, 2, 3)]
     assert results[0][1] == expect
     assert all(r == results[0] for r in results[1:])
 
@@ -102,9 +119,10 @@ def test_trainer_vocab_too_small(tmp_path):
         train_bpe(path, 256, [EOT])
 
 
-@pytest.fixture(scope="module")
-def gpt2(shared_data):
-    return Tokenizer.from_files(shared_data / "gpt2_vocab.json", shared_data / "gpt2_merges.txt", [EOT])
+@pytest.fixture(scope="module", params=IMPLS)
+def gpt2(shared_data, request):
+    tok = Tokenizer.from_files(shared_data / "gpt2_vocab.json", shared_data / "gpt2_merges.txt", [EOT])
+    return python_only(tok) if request.param == "python" else tok
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +157,29 @@ def test_exact_tiktoken_ids_on_gpt2(gpt2, tiktoken_gpt2, shared_data):
         ids = gpt2.encode(text)
         assert ids == tiktoken_gpt2.encode(text, allowed_special="all")
         assert gpt2.decode(ids) == text
+
+
+def test_native_and_python_trainers_agree_on_a_larger_corpus(shared_data, tmp_path):
+    path = tmp_path / "n.txt"
+    with open(shared_data / "novels100.txt", "rb") as f:
+        data = f.read(3 * 2**20)
+    path.write_bytes(data[: data.rfind(EOT.encode())])
+    assert train_bpe(path, 2000, [EOT], 2, use_native=True) == train_bpe(path, 2000, [EOT], 2, use_native=False)
+
+
+def test_native_pretokenizer_matches_regex_on_random_unicode():
+    import random
+
+    from tokenizer import native
+
+    core = native.load()
+    alphabet = list("ab Z9 '\n\t\r sdmtlvre.,!?-") + ["\u00a0", "\u2003", "é", "ß", "日", "١", "½", "🙃", "\u200d",
+                                                     "\u3000", "\x0b", "\x0c", "\x85", "\u2028", "  "]
+    rng = random.Random(0)
+    for _ in range(5000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        b = t.encode()
+        assert [b[x:y].decode() for x, y in core.pretoken_spans(b)] == PRETOKEN_RE.findall(t), repr(t)
 
 
 def test_overlapping_special_tokens_longest_first(gpt2, shared_data):

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from tokenizer import native
 from tokenizer.pretokenize import PRETOKEN_RE, special_splitter, split_on_specials
 
 
@@ -85,6 +86,8 @@ class Tokenizer:
             self._ranks.setdefault((ia, ib), (rank, iab))
         self._splitter = special_splitter(self.special_tokens)
         self._cache: dict[str, list[int]] = {}
+        self._encoder = None  # the compiled encoder, built on first use (None: pure Python)
+        self._encoder_tried = False
         self._max_id = max(self.vocab)
 
     # --- encoding ---------------------------------------------------------------------------
@@ -121,7 +124,20 @@ class Tokenizer:
             self._cache[piece] = ids
         return ids
 
+    def _native_encoder(self):
+        if not self._encoder_tried:
+            self._encoder_tried = True
+            core = native.load()
+            if core is not None:
+                merges = [(ia, ib, iab) for (ia, ib), (rank, iab) in sorted(self._ranks.items(), key=lambda kv: kv[1][0])]
+                self._encoder = core.Encoder(self._byte_ids, merges)
+        return self._encoder
+
     def _encode_plain(self, text: str, out: list[int]) -> None:
+        enc = self._native_encoder()
+        if enc is not None:
+            out.extend(enc.encode(text.encode("utf-8")))
+            return
         bpe = self._bpe
         for piece in PRETOKEN_RE.findall(text):
             out.extend(bpe(piece))
@@ -172,9 +188,16 @@ class Tokenizer:
                 elif part:
                     yield from self.encode(part)
             tail = parts[-1]
+            keep = 2 if p < len(buf) else 1
+            enc = self._native_encoder()
+            if enc is not None:
+                raw = tail.encode("utf-8")
+                ids, consumed = enc.encode_holding(raw, keep)
+                yield from ids
+                buf = raw[consumed:].decode("utf-8") + buf[p:]
+                continue
             # Matched over the whole tail: a match must see its real next character, not an end.
             pieces = PRETOKEN_RE.findall(tail)
-            keep = 2 if p < len(buf) else 1
             if len(pieces) <= keep:
                 buf = buf[p - len(tail):]
                 continue
