@@ -36,11 +36,13 @@ def char_class_table() -> bytes:
     import numpy as np
     import regex
 
-    cps = np.array([c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF])
-    text = "".join(map(chr, cps.tolist()))
+    cps = np.arange(0x110000, dtype=np.uint32)
+    cps = cps[(cps < 0xD800) | (cps > 0xDFFF)]  # surrogates never occur in decoded text
+    text = cps.astype("<u4").tobytes().decode("utf-32-le")
     table = np.zeros(0x110000, dtype=np.uint8)
     for cls, pat in ((1, r"\p{L}"), (2, r"\p{N}"), (3, r"\s")):
-        table[cps[[m.start() for m in regex.finditer(pat, text)]]] = cls
+        hits = np.fromiter((m.start() for m in regex.finditer(pat, text)), dtype=np.int64)
+        table[cps[hits]] = cls
     return table.tobytes()
 
 

@@ -169,10 +169,11 @@ class Tokenizer:
         """Stream ids for the concatenation of ``iterable`` (e.g. a file's lines or blocks) with the
         ids ``encode`` gives for the whole text, holding only an unfinished pretoken in memory.
 
-        A pretoken is final once the next one has begun: GPT-2's pattern looks ahead at most one
-        character. So the last pretoken is held back (two if a special token may be starting right
-        after them, since the end of a text segment is itself a lookahead), and the pretokens before
-        it are emitted as matched, never re-split from a shorter string.
+        GPT-2's pattern decides a pretoken from at most two characters past its start that belong
+        to the next pretoken (the contractions 'll, 've, 're: "'" alone until "ll" arrives) or one
+        (whitespace before a non-space), and the end of a text segment acts as such a lookahead. So
+        the last two pretokens are held back, and the ones before are emitted as matched over the
+        whole buffer, never re-split from a shorter string.
         """
         buf = ""
         bpe = self._bpe
@@ -188,7 +189,7 @@ class Tokenizer:
                 elif part:
                     yield from self.encode(part)
             tail = parts[-1]
-            keep = 2 if p < len(buf) else 1
+            keep = 2
             enc = self._native_encoder()
             if enc is not None:
                 raw = tail.encode("utf-8")
