@@ -33,6 +33,9 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# Job credentials live 10 s instead of 120 s: a requeued job may start again once its old
+# credential has expired, so the requeue delay of this test cluster is about 10 s, not 2 minutes.
+AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
