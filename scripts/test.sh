@@ -3,11 +3,7 @@
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
-fi
-. .venv/bin/activate
+. scripts/venv.sh
 python -m pip install -q --upgrade pip
 # The CPU wheel first, pinned: an unpinned torch would resolve to a multi-GB CUDA build.
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"

@@ -3,11 +3,7 @@
 #   bash scripts/train.sh --preset smoke --kernels torch --train-text ../shared/data/corpus.en
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
-fi
-. .venv/bin/activate
+. scripts/venv.sh
 if ! python -c "import torch, triton, numpy, regex, tqdm" 2>/dev/null; then
     python -m pip install -q --upgrade pip
     if command -v nvidia-smi >/dev/null 2>&1; then

@@ -22,8 +22,7 @@ set -uo pipefail
 SWEEP=${1:?usage: sbatch slurm/sweep.sh SWEEP_FILE [extra python -m train flags]}
 shift
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+. slurm/lib.sh
 
 if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     # Not an array yet: submit the array this sweep needs, with this job's resources.
@@ -45,21 +44,7 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     exec sbatch "${opts[@]}" "$SCRIPT" "$SWEEP" "$@"
 fi
 
-# Seconds left before the job's time limit (squeue's %L: [D-]HH:MM:SS, MM:SS or UNLIMITED).
-to_seconds() {
-    local t=$1 d=0 h=0 m=0 s=0
-    [[ $t == *-* ]] && { d=${t%%-*}; t=${t#*-}; }
-    IFS=: read -r a b c <<<"$t"
-    if [ -n "$c" ]; then h=$a; m=$b; s=$c; elif [ -n "$b" ]; then m=$a; s=$b; else s=$a; fi
-    echo $(( 10#$d * 86400 + 10#$h * 3600 + 10#$m * 60 + 10#$s ))
-}
-left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null | head -1)
-budget=()
-if [ -n "$left" ] && [ "$left" != UNLIMITED ] && [ "$left" != INVALID ]; then
-    # Finish (final eval + checkpoint) a little before the limit; USR1 at 120 s is the backstop.
-    secs=$(( $(to_seconds "$left") - 150 ))
-    [ "$secs" -gt 30 ] && budget=(--time-budget "$secs")
-fi
+read -r -a budget <<<"$(time_budget_args)"
 
 mapfile -t ARGS < <("$PY" - "$SWEEP" "$SLURM_ARRAY_TASK_ID" <<'PY'
 import sys
@@ -75,17 +60,8 @@ echo "task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (restart ${SLURM_RESTART
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
 # Signals to the batch shell (--signal=B:USR1@..., scancel -b) are passed on to the trainer.
-child=""
-forward() { [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null; }
-trap forward USR1 TERM
-srun --ntasks=1 --kill-on-bad-exit=1 "$PY" -m train "${ARGS[@]}" "${budget[@]}" --quiet "$@" &
-child=$!
-code=0
-while :; do
-    wait "$child"; code=$?
-    # wait returns early (>128) when a trapped signal arrives; keep waiting for the trainer.
-    kill -0 "$child" 2>/dev/null || break
-done
+run_forwarding_signals srun --ntasks=1 --kill-on-bad-exit=1 "$PY" -m train "${ARGS[@]}" "${budget[@]}" --quiet "$@"
+code=$CHILD_EXIT
 run_dir=$(printf '%s\n' "${ARGS[@]}" | awk 'p=="--out-dir"{o=$0} p=="--run-name"{n=$0} {p=$0} END{print o"/"n}')
 status=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['status'])" "$run_dir/summary.json" 2>/dev/null || echo unknown)
 echo "trainer exit code $code, status: $status"

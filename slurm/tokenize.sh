@@ -15,8 +15,7 @@ OUT=${1:?usage: tokenize.sh OUT_DIR VOCAB_SIZE TRAIN.txt [MORE.txt ...]}
 VOCAB=${2:?vocab size}
 TRAIN=${3:?training text}
 shift 3
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+. slurm/lib.sh
 WORKERS=${SLURM_CPUS_PER_TASK:-$(nproc)}
 mkdir -p "$OUT"
 "$PY" -m tokenizer train --input "$TRAIN" --vocab-size "$VOCAB" --special-token '<|endoftext|>' \

@@ -18,37 +18,20 @@
 #SBATCH --time=01:00:00
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+. slurm/lib.sh
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 [ "$GPUS_PER_NODE" -ge 1 ] 2>/dev/null || GPUS_PER_NODE=1
 NNODES=${SLURM_NNODES:-1}
 MASTER=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -1)
 MASTER=${MASTER:-localhost}
 PORT=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}
-budget=()
-left=$(squeue -h -j "${SLURM_JOB_ID:-0}" -o %L 2>/dev/null | head -1)
-if [[ "$left" =~ ^([0-9]+-)?[0-9:]+$ ]]; then
-    IFS=- read -r d rest <<<"$([[ $left == *-* ]] && echo "$left" || echo "0-$left")"
-    IFS=: read -r a b c <<<"$rest"
-    if [ -n "${c:-}" ]; then secs=$((10#$a * 3600 + 10#$b * 60 + 10#$c)); elif [ -n "${b:-}" ]; then secs=$((10#$a * 60 + 10#$b)); else secs=$((10#$a)); fi
-    secs=$(( 10#$d * 86400 + secs - 150 ))
-    [ "$secs" -gt 30 ] && budget=(--time-budget "$secs")
-fi
+read -r -a budget <<<"$(time_budget_args)"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-child=""
-forward() { [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null; }
-trap forward USR1 TERM
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PY" -m torch.distributed.run \
+run_forwarding_signals srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PY" -m torch.distributed.run \
     --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER:$PORT" --rdzv-id="${SLURM_JOB_ID:-local}" \
-    -m train "${budget[@]}" --quiet "$@" &
-child=$!
-code=0
-while :; do
-    wait "$child"; code=$?
-    kill -0 "$child" 2>/dev/null || break
-done
+    -m train "${budget[@]}" --quiet "$@"
+code=$CHILD_EXIT
 echo "trainer exit code $code"
 if [ "$code" = 3 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "requeueing $SLURM_JOB_ID to resume from its checkpoint"

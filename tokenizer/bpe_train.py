@@ -21,28 +21,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tokenizer import native
-from tokenizer.pretokenize import PRETOKEN_RE, chunk_boundaries, special_splitter, split_on_specials
+from tokenizer.pretokenize import PRETOKEN_RE, chunk_boundaries, read_text, special_splitter, split_on_specials
 
 CHUNK_BYTES = 8 * 2**20  # per piece for the process pool (each piece costs a process round trip)
 NATIVE_CHUNK_BYTES = 2 * 2**20  # per piece for the threads: small pieces keep peak memory low
 
 
-class NotUTF8Error(ValueError):
-    pass
-
-
 def _count_chunk(args: tuple[str, int, int, tuple[str, ...], bool]) -> Counter:
     path, start, end, specials, use_native = args
-    with open(path, "rb") as f:
-        f.seek(start)
-        raw = f.read(end - start)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NotUTF8Error(
-            f"{path}: bytes at offset {start + e.start} are not valid UTF-8 ({e.reason}); "
-            "fix or re-encode the file (e.g. iconv -f latin1 -t utf-8)"
-        ) from None
+    text = read_text(path, start, end)
     splitter = special_splitter(specials)
     counts: Counter = Counter()
     core = native.load() if use_native else None

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from tokenizer.bpe_train import NotUTF8Error
-from tokenizer.pretokenize import chunk_boundaries
+from tokenizer.pretokenize import chunk_boundaries, read_text
 from tokenizer.tokenizer import Tokenizer
 
 CHUNK_BYTES = 4 * 2**20
@@ -33,13 +32,7 @@ def _init_worker(tok_dir: str) -> None:
 
 def _encode_piece(args: tuple[str, int, int, str]) -> np.ndarray:
     path, start, end, dtype = args
-    with open(path, "rb") as f:
-        f.seek(start)
-        raw = f.read(end - start)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NotUTF8Error(f"{path}: bytes at offset {start + e.start} are not valid UTF-8 ({e.reason})") from None
+    text = read_text(path, start, end)
     return np.asarray(_worker_tok.encode(text), dtype=dtype)
 
 

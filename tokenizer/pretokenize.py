@@ -12,6 +12,24 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 
 
+class NotUTF8Error(ValueError):
+    pass
+
+
+def read_text(path: str | os.PathLike, start: int, end: int) -> str:
+    """The UTF-8 text in bytes [start, end) of a file; invalid bytes stop with their file offset."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUTF8Error(
+            f"{path}: bytes at offset {start + e.start} are not valid UTF-8 ({e.reason}); "
+            "fix or re-encode the file (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
     """A pattern that matches any special token, longest first (so "<|eot|><|eot|>" wins over "<|eot|>")."""
     specials = sorted(set(special_tokens), key=len, reverse=True)

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import queue
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from bench.peaks import device_name, lookup_peak
+from bench.results import provenance
 from model import ModelConfig, TransformerLM
 from model.flops import training_flops_per_token
 from train.checkpoint import load_checkpoint_state, save_checkpoint, unwrap_model
@@ -57,34 +56,6 @@ def check_kernels(kernels: str, device: torch.device) -> None:
             "--kernels triton needs a CUDA GPU, and this run is on the CPU. "
             "Use --kernels torch on a CPU (the from-scratch PyTorch reference backend)."
         )
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "git_commit": git_commit(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-    }
 
 
 class BatchSource:
@@ -225,7 +196,7 @@ class Trainer:
                 "flops_per_token": self.flops_per_token, "tokenizer_dir": self.data.tokenizer_dir,
                 "params": self.raw_model.num_parameters(),
             })
-            env = environment(self.device)
+            env = provenance(self.device)
             env["peak_bf16_tflops"] = peak.bf16_tflops if peak else None
             env["peak_source"] = peak.source if peak else None
             self._write_json("env.json", env)
