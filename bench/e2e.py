@@ -13,7 +13,7 @@ import torch
 
 from bench.timing import peak_memory_bytes, time_ms
 from model import TransformerLM
-from model.flops import forward_flops_breakdown, training_flops_per_token
+from model.flops import forward_flops_breakdown, training_flops_per_token, training_memory
 from train.config import preset
 from train.optimizer import AdamW, clip_grad_norm
 
@@ -105,11 +105,16 @@ def run_step_benchmark(preset_name: str, kernels: str, device: torch.device, com
         tokens = b * cfg.context_length
         tok_s = tokens / (ms * 1e-3)
         fpt = training_flops_per_token(cfg)
+        est = training_memory(cfg, b, cfg.context_length, act_bytes=2 if device.type == "cuda" else 4,
+                              fused_loss=kernels == "triton", flash_attention=kernels == "triton")
         row.update(batch_size=b, context_length=cfg.context_length, ms=ms, tokens_per_s=tok_s,
                    model_tflops=tok_s * fpt / 1e12,
                    mfu=tok_s * fpt / peak_flops if peak_flops else None,
                    mfu_measured_peak=tok_s * fpt / measured_peak_flops if measured_peak_flops else None,
-                   peak_mem_gb=(peak_memory_bytes(step, device) or 0) / 2**30 if device.type == "cuda" else None)
+                   peak_mem_gb=(peak_memory_bytes(step, device) or 0) / 2**30 if device.type == "cuda" else None,
+                   est_peak_mem_gb=est.total / 2**30)
+        if row["peak_mem_gb"]:
+            row["mem_estimate_ratio"] = row["est_peak_mem_gb"] / row["peak_mem_gb"]
         if breakdown:
             comp = profile_breakdown(step, device)
             row["breakdown_ms"] = comp

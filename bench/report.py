@@ -143,13 +143,13 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
     e2e = [r for r in rows if r.get("kind") == "e2e"]
     if e2e:
         lines += ["", "## End to end (one training step: forward, backward, optimizer)", "",
-                  "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB | matmul TFLOP/s | attention TFLOP/s | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB | estimated GB | matmul TFLOP/s | attention TFLOP/s | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             bt = r.get("breakdown_tflops") or {}
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
             mfu2 = f"{100 * r['mfu_measured_peak']:.1f}%" if r.get("mfu_measured_peak") else "-"
-            lines.append(f"| {r['preset']} | {r['backend']} | {r.get('batch_size', '-')} | {_fmt(r.get('ms'))} | {_fmt(r.get('tokens_per_s'), 0)} | {mfu} | {mfu2} | {_fmt(r.get('peak_mem_gb'))} | {_fmt(bt.get('matmul'), 1)} | {_fmt(bt.get('attention'), 1)} | {r.get('error', '')} |")
+            lines.append(f"| {r['preset']} | {r['backend']} | {r.get('batch_size', '-')} | {_fmt(r.get('ms'))} | {_fmt(r.get('tokens_per_s'), 0)} | {mfu} | {mfu2} | {_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('est_peak_mem_gb'))} | {_fmt(bt.get('matmul'), 1)} | {_fmt(bt.get('attention'), 1)} | {r.get('error', '')} |")
         comps = sorted({c for r in e2e for c in (r.get("breakdown_ms") or {})})
         if comps:
             lines += ["", "Step time by component (device ms per step, from the profiler):", "",

@@ -244,3 +244,32 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, token_file):
     b = [r["train_loss"] for r in metrics(tmp_path / "two")]
     np.testing.assert_allclose(b, a, rtol=1e-5)
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+
+
+def test_fsdp_two_gloo_processes_match_one_process_and_resume(tmp_path, token_file):
+    common = ["-m", "train", *SMOKE, "--train-data", str(token_file), "--log-interval", "1", "--eval-interval", "100",
+              "--sample-tokens", "0", "--batch-size", "8", "--checkpoint-interval", "2", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--max-steps", "6", "--run-name", "one"], cwd=ROOT, env=env,
+                         capture_output=True, timeout=300)
+    assert one.returncode == 0, one.stderr.decode()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534"]
+    for steps in ("4", "6"):  # the second run resumes the sharded run from its full checkpoint
+        r = subprocess.run([*torchrun, *common, "--max-steps", steps, "--run-name", "fsdp", "--fsdp"], cwd=ROOT, env=env,
+                           capture_output=True, timeout=300)
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+    a = [r["train_loss"] for r in metrics(tmp_path / "one")]
+    b = [r["train_loss"] for r in metrics(tmp_path / "fsdp")]
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    import torch
+
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_00000006.pt", weights_only=False)
+    assert type(state["model"]["lm_head.weight"]) is torch.Tensor and state["optimizer_format"] == "fqn"
+    # A sharded run's checkpoint loads into a plain model.
+    from model import TransformerLM
+    from train.cli import resolve
+
+    _, cfg, _, _ = resolve(["--preset", "smoke"])
+    from train import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "step_00000006.pt", TransformerLM(cfg)) == 6

@@ -27,13 +27,20 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     iteration: int,
     out: str | os.PathLike | BinaryIO | IO[bytes],
+    *,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
     **extra: Any,
 ) -> None:
-    """Save model and optimizer state and the iteration; a path is written via a temporary file and rename."""
+    """Save model and optimizer state and the iteration; a path is written via a temporary file and rename.
+
+    ``model_state``/``optimizer_state`` replace ``model.state_dict()``/``optimizer.state_dict()``
+    (sharded runs pass the full state dicts gathered from every rank); ``extra`` keys are stored too.
+    """
     model = unwrap_model(model)
     state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state if model_state is not None else model.state_dict(),
+        "optimizer": optimizer_state if optimizer_state is not None else (optimizer.state_dict() if optimizer is not None else None),
         "iteration": int(iteration),
         **extra,
     }
@@ -99,3 +106,35 @@ def load_checkpoint(
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     return int(state["iteration"])
+
+
+# --- sharded (FSDP2) runs ----------------------------------------------------------------------
+# With FSDP2 every rank holds a shard of each parameter (a DTensor). Checkpoints always hold full,
+# unsharded tensors on the CPU, so any run can resume them, sharded or not, on any number of GPUs.
+# The optimizer state is then keyed by parameter name ("fqn" format) instead of by index.
+
+
+def gather_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict, str]:
+    """Full model and optimizer state dicts. Collective when ``sharded``: every rank must call it."""
+    if not sharded:
+        return unwrap_model(model).state_dict(), optimizer.state_dict(), "index"
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts), "fqn"
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, fmt: str, sharded: bool) -> None:
+    """Restore optimizer state saved in either format into a sharded or plain model's optimizer."""
+    if fmt == "index" and not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if fmt == "index":  # index -> parameter name, in the order the optimizer was built
+        names = [n for n, _ in unwrap_model(model).named_parameters()]
+        state = {
+            "state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

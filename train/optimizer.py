@@ -105,7 +105,10 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float,
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    total_sq = sum(n.float() ** 2 for n in norms)
+    if hasattr(total_sq, "full_tensor"):  # sharded (FSDP2 DTensor) grads: reduce across shards
+        total_sq = total_sq.full_tensor()
+    total = total_sq.sqrt()
     scale = torch.clamp(max_l2_norm / (total + eps), max=1.0)
     torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return total

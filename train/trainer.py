@@ -27,7 +27,14 @@ from bench.peaks import device_name, lookup_peak
 from bench.results import provenance
 from model import ModelConfig, TransformerLM
 from model.flops import training_flops_per_token
-from train.checkpoint import load_checkpoint_state, save_checkpoint, unwrap_model
+from train.checkpoint import (
+    _check_compatible,
+    gather_state_dicts,
+    load_checkpoint_state,
+    load_optimizer_state,
+    save_checkpoint,
+    unwrap_model,
+)
 from train.config import RunConfig
 from train.data import batch_from_starts
 from train.data_prep import prepare_data
@@ -170,11 +177,18 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         barrier(self.dist)
         self.raw_model = TransformerLM(self.model_cfg, kernels=r.kernels).to(self.device)
-        self.optimizer = AdamW(self.raw_model.parameters(), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps, weight_decay=r.weight_decay)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.best_val = float("inf")
-        self._maybe_resume()
+        self.sharded = r.fsdp and self.dist.enabled
+        state = self._resume_state()
+        if state is not None:  # full weights go in before sharding; FSDP2 then splits them
+            _check_compatible(self.raw_model, state["model"])
+            self.raw_model.load_state_dict(state["model"])
         self.model = wrap_model(self.raw_model, self.dist, self.device, r.fsdp)
+        # The optimizer is built on the wrapped model's parameters (FSDP2 swaps in sharded ones).
+        self.optimizer = AdamW(self.model.parameters(), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps, weight_decay=r.weight_decay)
+        if state is not None:
+            self._restore(state)
         self.forward = torch.compile(self.model) if r.compile else self.model
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and r.dtype == "bf16" else nullcontext()
@@ -218,23 +232,24 @@ class Trainer:
     def _checkpoints(self) -> list[Path]:
         return sorted(self.ckpt_dir.glob("step_*.pt"))
 
-    def _maybe_resume(self) -> None:
+    def _resume_state(self) -> dict | None:
         r = self.run
         if r.resume == "never":
-            return
+            return None
         if r.resume == "auto":
             found = self._checkpoints()
             if not found:
-                return
+                return None
             path = found[-1]
         else:
             path = Path(r.resume)
-        state = load_checkpoint_state(path, map_location=self.device)
-        from train.checkpoint import _check_compatible
+        state = load_checkpoint_state(path, map_location="cpu" if self.sharded else self.device)
+        state["path"] = str(path)
+        return state
 
-        _check_compatible(self.raw_model, state["model"])
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _restore(self, state: dict) -> None:
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], state.get("optimizer_format", "index"), self.sharded)
+        path = state["path"]
         self.step = int(state["iteration"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.elapsed_before = float(state.get("elapsed", 0.0))
@@ -246,12 +261,14 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
 
     def save(self) -> Path | None:
+        model_sd, optim_sd, fmt = gather_state_dicts(self.model, self.optimizer, self.sharded)
         if not self.dist.is_main:
             barrier(self.dist)
             return None
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
         save_checkpoint(
-            self.raw_model, self.optimizer, self.step, path,
+            self.raw_model, None, self.step, path,
+            model_state=model_sd, optimizer_state=optim_sd, optimizer_format=fmt,
             tokens_seen=self.tokens_seen, elapsed=self.elapsed_before + (time.time() - self.t_start),
             best_val=self.best_val, rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -289,7 +306,9 @@ class Trainer:
         tokens_per_step = r.batch_size * self.model_cfg.context_length
         make = lambda s: self.batches.micro_batches(s, self.dist.rank, self.dist.world_size, r.grad_accum, self.device)  # noqa: E731
         prefetch = Prefetcher(make, self.step, self.max_steps)
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.dist.is_main else None
+        # A resumed run appends to its metrics; a fresh one (no checkpoint loaded) starts them over.
+        mode = "a" if self.step > 0 else "w"
+        metrics = open(self.run_dir / "metrics.jsonl", mode) if self.dist.is_main else None
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm.auto import tqdm
