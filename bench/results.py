@@ -61,19 +61,26 @@ class ResultsWriter:
         self.out_dir = Path(out_dir or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
 
     def add(self, **row) -> dict:
+        """Record a row; the file is rewritten each time, so a run cut short keeps what it measured."""
         row = {**row, "device": self.meta["device"]}
         self.rows.append(row)
+        self.write()
         return row
+
+    @property
+    def path(self) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.meta["device"]).strip("-").lower()
+        stamp = self.meta["date"].replace(":", "").replace("+00:00", "Z")
+        return self.out_dir / f"{stamp}_{slug}_{(self.meta['git_commit'] or 'nogit')[:8]}.json"
 
     def write(self) -> Path | None:
         if not self.rows:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.meta["device"]).strip("-").lower()
-        stamp = self.meta["date"].replace(":", "").replace("+0000", "Z")
-        path = self.out_dir / f"{stamp}_{slug}_{(self.meta['git_commit'] or 'nogit')[:8]}.json"
-        path.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1, default=str))
-        return path
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1, default=str))
+        os.replace(tmp, self.path)
+        return self.path
 
 
 def load_results(paths: list[str | Path]) -> list[dict]:

@@ -11,9 +11,13 @@ from bench.kernel_cases import build_cases, run_case
 # BENCH_PRESETS=tinystories,gpt2-small limits the model shapes (the GPU check does, for time).
 _PRESETS = [p for p in os.environ.get("BENCH_PRESETS", "").split(",") if p] or None
 CASES = build_cases(torch.device("cuda"), presets=_PRESETS) if GPU else []
+# BENCH_BACKENDS=ours,torch,builtin keeps those backends only (the GPU check runs the torch.compile
+# baselines last, since compiling them takes most of the time).
+_BACKENDS = [b for b in os.environ.get("BENCH_BACKENDS", "").split(",") if b] or None
 PARAMS = [
     pytest.param(case, backend, mode, id=f"{case.op}[{case.shape}]-{backend}-{mode}")
     for case in CASES for backend in case.backends for mode in case.modes
+    if _BACKENDS is None or backend in _BACKENDS
 ]
 
 

@@ -11,7 +11,7 @@ import sys
 data = open(sys.argv[1], "rb").read(21 * 2**20)
 cut = data.rfind(b"<|endoftext|>", 0, 20 * 2**20)
 open(".gpu_data/train.txt", "wb").write(data[:cut])
-open(".gpu_data/valid.txt", "wb").write(data[cut:data.rfind(b"<|endoftext|>")])
+open(".gpu_data/valid.txt", "wb").write(data[cut:data.rfind(b"\n")])  # whole lines: valid UTF-8
 PY
 python -m tokenizer train --input .gpu_data/train.txt --vocab-size 10000 --special-token '<|endoftext|>' --out .gpu_data/tokenizer --quiet
 python -m tokenizer encode --tokenizer .gpu_data/tokenizer --input .gpu_data/train.txt --out .gpu_data/train.bin --quiet

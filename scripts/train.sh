@@ -11,6 +11,6 @@ if ! python -c "import torch, triton, numpy, regex, tqdm" 2>/dev/null; then
     else
         python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
     fi
-    python -m pip install -q -e ".[triton]"
+    python -m pip install -q -e .
 fi
 exec python -m train "$@"

@@ -25,15 +25,17 @@ def run_with_grads(fn, inputs, dy):
     return out.detach(), [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def check_op_against_reference(kernel_fn, ref_fn, inputs, dtype=torch.float32, ratio=2.0, rel_floor=1e-6, scalar=False):
-    """Forward and every input gradient of kernel_fn (in ``dtype``) against ref_fn in fp64."""
+def check_op_against_reference(kernel_fn, ref_fn, inputs, dtype=torch.float32, ratio=2.0, rel_floor=1e-6, scalar=False,
+                               ref_lowp_fn=None):
+    """Forward and every input gradient of kernel_fn (in ``dtype``) against ref_fn in fp64; the
+    error allowance is that of ``ref_lowp_fn`` (default ref_fn) run in ``dtype``."""
     cast = lambda dt: [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]  # noqa: E731
     # The same upstream gradient for all three runs.
     with torch.no_grad():
         shape = ref_fn(*cast(torch.float64)).shape
     dy = None if scalar else torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref64, g64 = run_with_grads(ref_fn, cast(torch.float64), dy)
-    refd, gd = run_with_grads(ref_fn, cast(dtype), dy)
+    refd, gd = run_with_grads(ref_lowp_fn or ref_fn, cast(dtype), dy)
     out, g = run_with_grads(kernel_fn, cast(dtype), dy)
     assert out.dtype == refd.dtype and out.shape == refd.shape
     assert_error_ratio(out, ref64, refd, ratio, rel_floor, "forward")
