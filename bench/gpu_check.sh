@@ -45,7 +45,7 @@ timeout 120 bash -c "$(declare -f bench); bench -k 'train_step or largest_batch'
 section "training runs"
 if [ -f "$GPU_DATA/train.bin" ]; then
     for k in torch triton; do
-        timeout 40 python -m train --preset tinystories --kernels "$k" --train-data "$GPU_DATA/train.bin" \
+        timeout -k 10 40 python -m train --preset tinystories --kernels "$k" --train-data "$GPU_DATA/train.bin" \
             --valid-data "$GPU_DATA/valid.bin" --tokenizer "$GPU_DATA/tokenizer" --max-steps 200 \
             --lr-decay-iters 200 --warmup-iters 20 --log-interval 50 --eval-interval 100 --eval-batches 5 \
             --out-dir /tmp/gpu_runs --run-name "ts-$k" --resume never --quiet --sample-tokens 48 --num-samples 1 2>&1 | tail -3

@@ -70,7 +70,7 @@ class ResultsWriter:
     @property
     def path(self) -> Path:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", self.meta["device"]).strip("-").lower()
-        stamp = self.meta["date"].replace(":", "").replace("+00:00", "Z")
+        stamp = self.meta["date"].replace("+00:00", "Z").replace(":", "")
         return self.out_dir / f"{stamp}_{slug}_{(self.meta['git_commit'] or 'nogit')[:8]}.json"
 
     def write(self) -> Path | None:
