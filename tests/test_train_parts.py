@@ -155,3 +155,17 @@ def test_generate_stops_and_batches():
     # Longer than the context: cropped, not an error.
     long = generate(m, [list(range(40))], max_new_tokens=3, temperature=0.8, top_p=0.9)
     assert len(long[0]) == 3 and all(0 <= t < 50 for t in long[0])
+
+
+def test_adamw_low_precision_parameters_track_fp32():
+    torch.manual_seed(0)
+    p32 = torch.nn.Parameter(torch.randn(64))
+    p16 = torch.nn.Parameter(p32.detach().bfloat16())
+    o32, o16 = AdamW([p32], lr=1e-2), AdamW([p16], lr=1e-2)
+    for _ in range(5):
+        g = torch.randn(64)
+        p32.grad, p16.grad = g.clone(), g.bfloat16()
+        o32.step()
+        o16.step()
+    assert p16.dtype == torch.bfloat16 and o16.state[p16]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(p16.float(), p32.detach(), atol=2e-2, rtol=2e-2)

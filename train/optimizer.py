@@ -61,21 +61,26 @@ class AdamW(torch.optim.Optimizer):
             if not params:
                 continue
             # Foreach (multi-tensor) updates: a handful of kernel launches per group instead of
-            # several per parameter, the same arithmetic as the per-tensor loop.
+            # several per parameter, the same arithmetic as the per-tensor loop:
+            #   m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+            #   theta <- theta (1 - lr wd) - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
             torch._foreach_lerp_(ms, grads, 1 - beta1)
             torch._foreach_mul_(vs, beta2)
             torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-            for p, m, v, t in zip(params, ms, vs, steps):
-                bias1 = 1 - beta1**t
-                bias2 = 1 - beta2**t
-                alpha = lr * math.sqrt(bias2) / bias1
+            steps_alpha = [-lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in steps]
+            denoms = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denoms, eps)
+            fp32 = [i for i, p in enumerate(params) if p.dtype == torch.float32]
+            if len(fp32) == len(params):
                 if wd:
-                    p.mul_(1 - lr * wd)
-                denom = v.sqrt().add_(eps)
-                if p.dtype == torch.float32:
-                    p.addcdiv_(m, denom, value=-alpha)
-                else:
-                    p.copy_(p.float().addcdiv_(m, denom, value=-alpha))
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_addcdiv_(params, ms, denoms, steps_alpha)
+            else:  # low-precision parameters: update an fp32 copy, then round once
+                for p, m, d, a in zip(params, ms, denoms, steps_alpha):
+                    p32 = p.float()
+                    if wd:
+                        p32.mul_(1 - lr * wd)
+                    p.copy_(p32.addcdiv_(m, d, value=a))
         return loss
 
 
