@@ -9,7 +9,8 @@ row log-sum-exp (log2 units, fp32): memory O(T), never (T x T).
 Backward: a pass for delta = rowsum(dO * O), then dK/dV by key block (looping over query blocks)
 and dQ by query block (looping over key blocks). No atomics: the gradients are deterministic.
 
-fp32 inputs are accepted (the interpreter tests run them); on a GPU their dots use tf32.
+fp32 inputs are accepted (the interpreter tests run them); on a GPU their dots run in full fp32
+("ieee"), slower than tensor cores but exact, so fp32 runs agree with the torch backend.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ LOG2E = 1.4426950408889634
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_n, offs_d, lo, hi, T, D, qk_scale,
-    MASK_CAUSAL: tl.constexpr, MASK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr, MASK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < T
         k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :] & d_mask[:, None], other=0.0)
-        s = tl.dot(q, k) * qk_scale
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASK_CAUSAL:
             s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
         if MASK_T:
@@ -46,7 +47,7 @@ def _fwd_inner(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -59,7 +60,8 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     H, T, D, qk_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -82,18 +84,18 @@ def _attn_fwd_kernel(
         diag = start_m * BLOCK_M
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_n, offs_d, 0, diag, T, D, qk_scale,
-                                   False, False, BLOCK_N)
+                                   False, False, BLOCK_N, DOT_PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_n, offs_d, diag, tl.minimum(diag + BLOCK_M, T), T, D, qk_scale,
-                                   True, True, BLOCK_N)
+                                   True, True, BLOCK_N, DOT_PRECISION)
     else:
         full = (T // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_n, offs_d, 0, full, T, D, qk_scale,
-                                   False, False, BLOCK_N)
+                                   False, False, BLOCK_N, DOT_PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_n, offs_d, full, T, T, D, qk_scale,
-                                   False, True, BLOCK_N)
+                                   False, True, BLOCK_N, DOT_PRECISION)
     acc = acc / l_i[:, None]
     o_base = O + b * stride_ob + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -131,7 +133,8 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     H, T, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -160,16 +163,16 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
         p_t = tl.exp2(s_t - lse[None, :])
         ok = row_ok[None, :] & col_ok[:, None]
         if CAUSAL:
             ok = ok & (offs_m[None, :] >= offs_n[:, None])
         p_t = tl.where(ok, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -184,7 +187,8 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     H, T, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -211,15 +215,15 @@ def _attn_bwd_dq_kernel(
         kv_mask = col_ok[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         ok = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_m[:, None] >= offs_n[None, :])
         p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -240,12 +244,18 @@ def _bwd_configs():
     ]
 
 
-_fwd_tuned = triton.autotune(_fwd_configs(), key=["T", "BLOCK_D", "CAUSAL"])(_attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL"])(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL"])(_attn_bwd_dq_kernel)
+_fwd_tuned = triton.autotune(_fwd_configs(), key=["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])(_attn_fwd_kernel)
+_dkdv_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])(_attn_bwd_dq_kernel)
 
 # The interpreter runs every program in Python: small fixed tiles keep CPU tests fast.
 _INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def _precision(q: torch.Tensor) -> str:
+    # fp32 inputs get exact fp32 dots ("ieee"), so the fp32 model matches the torch backend (whose
+    # matmuls do not use tf32 by default); bf16/fp16 dots are native and ignore this.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -281,10 +291,10 @@ def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     block_d = max(16, pow2_at_least(d))
     if interpreting():
         grid = (triton.cdiv(t, _INTERP_BLOCKS["BLOCK_M"]), b * h)
-        _attn_fwd_kernel[grid](*args, CAUSAL=causal, BLOCK_D=block_d, **_INTERP_BLOCKS)
+        _attn_fwd_kernel[grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
     else:
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _fwd_tuned[grid](*args, CAUSAL=causal, BLOCK_D=block_d)
+        _fwd_tuned[grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
     return o, lse
 
 
@@ -305,11 +315,11 @@ def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Ten
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides(dq), h, t, d, sm_scale * LOG2E, sm_scale)
     if interpreting():
         bm, bn = _INTERP_BLOCKS["BLOCK_M"], _INTERP_BLOCKS["BLOCK_N"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](*dkdv_args, CAUSAL=causal, BLOCK_D=block_d, **_INTERP_BLOCKS)
-        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, CAUSAL=causal, BLOCK_D=block_d, **_INTERP_BLOCKS)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
+        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
     else:
-        _dkdv_tuned[lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, CAUSAL=causal, BLOCK_D=block_d)
-        _dq_tuned[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](*dq_args, CAUSAL=causal, BLOCK_D=block_d)
+        _dkdv_tuned[lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
+        _dq_tuned[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
     return dq, dk, dv
 
 
