@@ -273,3 +273,13 @@ def test_fsdp_two_gloo_processes_match_one_process_and_resume(tmp_path, token_fi
     from train import load_checkpoint
 
     assert load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "step_00000006.pt", TransformerLM(cfg)) == 6
+
+
+def test_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit) as e:
+        resolve(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--d-model", "--no-use-rope", "--time-budget", "--grad-accum", "--fsdp", "--dataset-mirror"):
+        assert flag in out
+    assert "[default preset: 1344]" in out

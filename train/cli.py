@@ -40,11 +40,15 @@ def _base_type(tp):
     return tp
 
 
-def _add_fields(group, cls, helps) -> None:
+def _add_fields(group, cls, helps, shown_defaults: dict) -> None:
     for f in fields(cls):
         tp = _base_type(f.type)
         flag = "--" + f.name.replace("_", "-")
         help_ = helps.get(f.name) or f.metadata.get("help", "")
+        default = shown_defaults.get(f.name)
+        if default is not None:
+            help_ += f" [default preset: {default}]"
+        help_ = help_.replace("%", "%%").replace("%%%%", "%%")
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
@@ -54,15 +58,16 @@ def _add_fields(group, cls, helps) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train a Transformer LM: preset < --config file < flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a Transformer LM. Settings come from the preset, then --config, then flags; "
+        "the defaults shown are the tinystories preset's (--preset NAME --print-config shows any preset's).",
     )
-    p.add_argument("--preset", default="tinystories", choices=list(PRESETS), help="starting configuration")
+    p.add_argument("--preset", default="tinystories", choices=list(PRESETS), help="starting configuration [default: tinystories]")
     p.add_argument("--config", default=None, help="JSON or TOML file of field: value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_fields(p.add_argument_group("model"), ModelConfig, MODEL_HELP)
-    _add_fields(p.add_argument_group("run"), RunConfig, {})
+    model_cfg, run_over = preset("tinystories")
+    _add_fields(p.add_argument_group("model"), ModelConfig, MODEL_HELP, model_cfg.to_dict())
+    _add_fields(p.add_argument_group("run"), RunConfig, {}, {**RunConfig().to_dict(), **run_over})
     return p
 
 
