@@ -203,7 +203,7 @@ def test_encode_iterable_equals_encode_for_any_cut(gpt2, shared_data):
         assert list(gpt2.encode_iterable(pieces)) == expect
     # Cut inside a special token, inside something that only looks like one, and inside
     # contractions (a lone "'" becomes "'ll" only when both l's have arrived).
-    for t in (f"x <|endoftext|> y", "x <|endoftex y <|end", "It'll be, they've we're I'd 'l'v '  \n\n x"):
+    for t in ("x <|endoftext|> y", "x <|endoftex y <|end", "It'll be, they've we're I'd 'l'v '  \n\n x"):
         for c in range(1, len(t)):
             assert list(gpt2.encode_iterable([t[:c], t[c:]])) == gpt2.encode(t), (t, c)
 

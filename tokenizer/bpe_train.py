@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path

@@ -8,11 +8,10 @@ import json
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields
-from pathlib import Path
+from dataclasses import fields
 
 from model.config import ModelConfig
-from train.config import PRESETS, RunConfig, preset
+from train.config import PRESETS, RunConfig, preset, read_settings_file
 
 MODEL_HELP = {
     "vocab_size": "vocabulary size (BPE trained on --train-text gets this size)",
@@ -72,15 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    if p.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(p.read_text())
-    else:
-        data = json.loads(p.read_text())
+    data = read_settings_file(path)
     flat = {}
     for k, v in data.items():
         if isinstance(v, dict):  # allow [model] / [run] sections

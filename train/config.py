@@ -7,7 +7,9 @@ be overridden from a JSON/TOML config file and from the command line.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from model.config import ModelConfig
 
@@ -94,6 +96,21 @@ class RunConfig:
 
 def run_fields() -> list:
     return list(fields(RunConfig))
+
+
+def read_settings_file(path: str | Path, what: str = "config file") -> dict:
+    """A TOML (``.toml``) or JSON file as a dict; a clear error when it does not exist or parse."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(p.read_text())
+        return json.loads(p.read_text())
+    except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"{p}: cannot parse {what}: {e}") from None
 
 
 # --- presets ----------------------------------------------------------------------------------

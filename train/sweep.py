@@ -31,15 +31,10 @@ from pathlib import Path
 
 
 def load_sweep(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sweep file not found: {p}")
-    if p.suffix == ".toml":
-        import tomllib
+    from train.config import read_settings_file
 
-        data = tomllib.loads(p.read_text())
-    else:
-        data = json.loads(p.read_text())
+    p = Path(path)
+    data = read_settings_file(p, "sweep file")
     grid = data.get("grid") or {}
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise ValueError(f"{p}: [grid] must map each varied setting to a non-empty list of values")
