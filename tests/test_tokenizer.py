@@ -269,6 +269,16 @@ def test_cli_train_and_encode_identical_across_workers(tmp_path, shared_data, mo
     assert meta["tokenizer_hash"] == tok.fingerprint()
 
 
+def test_encode_to_a_missing_directory_writes_nothing(tmp_path, shared_data):
+    from tokenizer.encode import encode_file
+
+    tok = Tokenizer.from_files(shared_data / "gpt2_vocab.json", shared_data / "gpt2_merges.txt", [EOT])
+    tok.save(tmp_path / "tok")
+    with pytest.raises(FileNotFoundError, match="output directory"):
+        encode_file(tmp_path / "tok", shared_data / "tinystories_sample.txt", tmp_path / "no" / "x.bin", progress=False)
+    assert not (tmp_path / "no").exists()
+
+
 def test_cli_errors(tmp_path, capsys):
     assert cli_main(["train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", str(tmp_path / "o"), "--quiet"]) == 1
     assert "not found" in capsys.readouterr().err

@@ -283,3 +283,23 @@ def test_help_documents_every_setting(capsys):
     for flag in ("--d-model", "--no-use-rope", "--time-budget", "--grad-accum", "--fsdp", "--dataset-mirror"):
         assert flag in out
     assert "[default preset: 1344]" in out
+
+
+def test_generate_and_plot_commands(tmp_path, shared_data, capsys):
+    from train.generate import main as generate_main
+    from train.plot import main as plot_main
+
+    run = tmp_path / "runs" / "g"
+    assert train_main(SMOKE + ["--train-text", str(shared_data / "corpus.en"), "--data-dir", str(tmp_path / "data"),
+                               "--out-dir", str(tmp_path / "runs"), "--run-name", "g", "--max-steps", "20",
+                               "--log-interval", "5", "--eval-interval", "10", "--sample-tokens", "0"]) == 0
+    ckpt = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(ckpt), "--prompt", "The history of", "--max-new-tokens", "12",
+                          "--num-samples", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("The history of") == 2
+    assert generate_main(["--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert plot_main([str(run), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert plot_main([str(tmp_path), "--out", str(tmp_path / "d.png")]) == 1
