@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from kernels import Ops, get_ops
+from kernels import Ops, get_ops, reference
 
 
 def _ops(ops: Ops | str | None) -> Ops:
@@ -139,7 +139,11 @@ class MultiHeadSelfAttention(nn.Module):
         if theta is not None:
             self.rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len or 0, device, ops=self.ops)
 
-    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: "LayerKVCache | None" = None
+    ) -> torch.Tensor:
+        """x (..., T, d_model). With ``kv_cache`` the T tokens continue the cached sequence: their
+        positions follow it, their keys and values are appended to it, and they attend to all of it."""
         *lead, t, d = x.shape
         x3 = x.reshape(-1, t, d)
         b = x3.shape[0]
@@ -148,14 +152,40 @@ class MultiHeadSelfAttention(nn.Module):
         q = self.q_proj(x3).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x3).view(b, t, self.num_heads, self.head_dim)
         v = self.v_proj(x3).view(b, t, self.num_heads, self.head_dim)
+        start = kv_cache.length if kv_cache is not None else 0
         if self.rope is not None:
             if token_positions is None:
-                token_positions = torch.arange(t, device=x.device)
+                token_positions = torch.arange(start, start + t, device=x.device)
             pos = token_positions.reshape(-1, t) if token_positions.dim() > 1 else token_positions
             q, k = self.rope.forward_qk(q, k, pos.unsqueeze(-1))
-        out = self.ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        if k.shape[1] == t:
+            out = self.ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        else:
+            # Decoding: a few new queries against a longer cached sequence. The fused kernel takes
+            # equal lengths only; the reference handles the offset causal mask (and this is tiny work).
+            out = reference.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         out = out.transpose(1, 2).reshape(b, t, d)
         return self.output_proj(out).reshape(*lead, t, d)
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer for the tokens seen so far: (B, max_len, H, D) buffers."""
+
+    def __init__(self, batch_size: int, max_len: int, num_heads: int, head_dim: int, device=None, dtype=None):
+        self.k = torch.empty(batch_size, max_len, num_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[1]
+        if self.length + t > self.k.shape[1]:
+            raise ValueError(f"KV cache full: {self.length} + {t} tokens exceed its {self.k.shape[1]}")
+        self.k[:, self.length : self.length + t] = k
+        self.v[:, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, : self.length], self.v[:, : self.length]
 
 
 class Identity(nn.Module):
@@ -199,9 +229,11 @@ class TransformerBlock(nn.Module):
         else:
             raise ValueError(f"unknown ffn kind {ffn!r}; known: swiglu, silu")
 
-    def forward(self, x: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: LayerKVCache | None = None
+    ) -> torch.Tensor:
         if self.post_norm:
-            x = self.ln1(x + self.attn(x, token_positions))
+            x = self.ln1(x + self.attn(x, token_positions, kv_cache))
             return self.ln2(x + self.ffn(x))
-        x = x + self.attn(self.ln1(x), token_positions)
+        x = x + self.attn(self.ln1(x), token_positions, kv_cache)
         return x + self.ffn(self.ln2(x))

@@ -7,7 +7,7 @@ from torch import nn
 
 from kernels import Ops, get_ops
 from model.config import ModelConfig
-from model.layers import Embedding, Identity, Linear, RMSNorm, TransformerBlock
+from model.layers import Embedding, Identity, LayerKVCache, Linear, RMSNorm, TransformerBlock
 
 
 class TransformerLM(nn.Module):
@@ -70,24 +70,45 @@ class TransformerLM(nn.Module):
             # check runs on the device and fails the stream.
             torch._assert_async(((token_ids >= 0) & (token_ids < v)).all(), f"token id out of range [0, {v})")
 
-    def hidden_states(self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: list | None = None
+    ) -> torch.Tensor:
         """Final normalised hidden states (..., T, d_model), before the LM head."""
         self._check_tokens(token_ids)
+        if kv_cache is not None and kv_cache[0].length + token_ids.shape[-1] > self.config.context_length:
+            raise ValueError(
+                f"{kv_cache[0].length} cached + {token_ids.shape[-1]} new tokens exceed context_length {self.config.context_length}"
+            )
         x = self.token_embeddings(token_ids)
-        for layer in self.layers:
-            x = layer(x, token_positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None)
         return self.ln_final(x)
 
     def forward(
-        self, token_ids: torch.Tensor, token_positions: torch.Tensor | None = None, *, targets: torch.Tensor | None = None
+        self,
+        token_ids: torch.Tensor,
+        token_positions: torch.Tensor | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+        kv_cache: list | None = None,
     ) -> torch.Tensor:
         """token_ids (..., T) -> logits (..., T, vocab_size); with ``targets``, the mean loss instead.
 
-        The loss path goes through ``forward`` so that DDP and torch.compile wrappers see it.
+        The loss path goes through ``forward`` so that DDP and torch.compile wrappers see it. With a
+        ``kv_cache`` (from ``new_kv_cache``) the tokens continue the cached sequence (decoding).
         """
         if targets is not None:
             return self.loss(token_ids, targets)
-        return self.lm_head(self.hidden_states(token_ids, token_positions))
+        return self.lm_head(self.hidden_states(token_ids, token_positions, kv_cache))
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list:
+        """Empty per-layer key/value caches for incremental decoding of ``batch_size`` sequences."""
+        c = self.config
+        p = self.lm_head.weight
+        return [
+            LayerKVCache(batch_size, max_len or c.context_length, c.num_heads, c.head_dim, p.device, p.dtype)
+            for _ in range(c.num_layers)
+        ]
 
     def loss(self, token_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; the triton backend never builds the logits."""

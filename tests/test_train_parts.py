@@ -169,3 +169,19 @@ def test_adamw_low_precision_parameters_track_fp32():
         o16.step()
     assert p16.dtype == torch.bfloat16 and o16.state[p16]["exp_avg"].dtype == torch.float32
     torch.testing.assert_close(p16.float(), p32.detach(), atol=2e-2, rtol=2e-2)
+
+
+def test_kv_cache_matches_full_forward_and_cropping():
+    torch.manual_seed(0)
+    m = TransformerLM(_cfg()).eval()
+    x = torch.randint(0, 50, (2, 12))
+    cache = m.new_kv_cache(2)
+    parts = [m(x[:, :5], kv_cache=cache), m(x[:, 5:6], kv_cache=cache), m(x[:, 6:], kv_cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, 1), m(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceed context_length"):
+        m(torch.zeros(2, 5, dtype=torch.long), kv_cache=cache)
+    # Greedy decoding with the cache equals decoding without it, also past the context (16).
+    prompts = [[1, 2, 3], [4, 5, 6], [7], list(range(20))]
+    with_cache = generate(m, prompts, max_new_tokens=20, temperature=0.0)
+    without = generate(m, prompts, max_new_tokens=20, temperature=0.0, use_cache=False)
+    assert with_cache == without and all(len(o) == 20 for o in with_cache)

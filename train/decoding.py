@@ -34,42 +34,49 @@ def generate(
     top_p: float = 1.0,
     stop_token: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt; returns only the new ids of each, cut after ``stop_token`` (included).
 
-    Prompts of different lengths are decoded together: each is left-aligned and its next position is
-    read from its own length. Inputs longer than the context are cropped to the last context_length ids.
+    Prompts are decoded in batches of equal length with a KV cache: the prompt is run once, then
+    one token per step. Once a sequence outgrows the context, each step runs on its last
+    context_length tokens (cropping), as ``use_cache=False`` does throughout.
     """
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     device = next(model.parameters()).device
     ctx = model.config.context_length
-    seqs = [list(p) for p in prompts]
-    new = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    new: list[list[int]] = [[] for _ in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
-            active = [i for i, d in enumerate(done) if not d]
-            if not active:
-                break
-            windows = [seqs[i][-ctx:] for i in active]
-            t = max(len(w) for w in windows)
-            batch = torch.zeros(len(windows), t, dtype=torch.long)
-            for row, w in enumerate(windows):
-                batch[row, : len(w)] = torch.tensor(w)
-            logits = model(batch.to(device))
-            last = torch.tensor([len(w) - 1 for w in windows], device=device)
-            step_logits = logits[torch.arange(len(windows), device=device), last]
-            next_ids = sample_next(step_logits, temperature, top_p, generator).tolist()
-            for i, tok in zip(active, next_ids):
-                seqs[i].append(tok)
-                new[i].append(tok)
-                if stop_token is not None and tok == stop_token:
-                    done[i] = True
+        for idx in groups.values():
+            seqs = [list(prompts[i]) for i in idx]
+            done = [False] * len(idx)
+            cache = model.new_kv_cache(len(idx)) if use_cache else None
+            window = torch.tensor([s[-ctx:] for s in seqs], device=device)
+            logits = model(window, kv_cache=cache)[:, -1]
+            for step in range(max_new_tokens):
+                next_ids = sample_next(logits, temperature, top_p, generator)
+                for row, tok in enumerate(next_ids.tolist()):
+                    seqs[row].append(tok)
+                    if not done[row]:
+                        new[idx[row]].append(tok)
+                        done[row] = stop_token is not None and tok == stop_token
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                if cache is not None and cache[0].length < ctx:
+                    logits = model(next_ids[:, None], kv_cache=cache)[:, -1]
+                else:
+                    cache = None  # past the context: recompute on the cropped window each step
+                    logits = model(torch.tensor([s[-ctx:] for s in seqs], device=device))[:, -1]
     finally:
         model.train(was_training)
     return new
