@@ -1,8 +1,11 @@
 """Fused cross-entropy over rows of logits (N, V), the gradient written during the forward.
 
-One program per row: a first sweep keeps an online max and sum (fp32) for the log-sum-exp, a
-second writes d loss / d logits = (softmax - onehot) / n_valid, into a new buffer or in place over
-the logits when the caller gives them up. The backward is then a scale by the incoming gradient.
+One program per row. Rows up to 16K wide are read once and kept in registers: max, sum and
+d loss / d logits = (softmax - onehot) / n_valid come from that one read, and the gradient is
+written into a new buffer or in place over the logits when the caller gives them up: one read and
+one write of the logits, the minimum. Wider rows take two sweeps (an online max/sum, then the
+gradient). The backward scales by the incoming gradient in place, skipped on the device when that
+gradient is 1 (a loss that is the graph's output), so it costs nothing in training.
 Targets equal to ``ignore_index`` add nothing to the loss or the mean's count; if every target is
 ignored the loss is 0 and the gradient is zero (never 0/0). Row offsets are int64: N x V can pass
 2^31 elements.
@@ -17,13 +20,16 @@ import triton.language as tl
 from kernels._utils import check_device, pow2_at_least
 from kernels.reference import IGNORE_INDEX
 
+# Rows up to this width are read once and held in registers (16K fp32 over 16 warps: 32 a thread).
+MAX_SINGLE_PASS_V = 16384
+
 
 @triton.jit
 def _ce_fwd_kernel(
     logits_ptr, targets_ptr, grad_ptr, loss_ptr, n_valid_ptr,
     stride_logits, stride_grad,
     V, ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
@@ -36,33 +42,81 @@ def _ce_fwd_kernel(
                      mask=start + cols < V)
         tl.store(loss_ptr + row, 0.0)
     else:
-        # Online log-sum-exp: the running max keeps exp() finite for logits of any magnitude.
-        # Lanes past V hold a huge negative finite value instead of -inf, so no inf - inf appears;
-        # their phantom terms are scaled away by exp(m - m_row) = 0 at the end.
-        m = tl.full((BLOCK_V,), -3.0e38, tl.float32)
-        s = tl.zeros((BLOCK_V,), tl.float32)
-        for start in range(0, V, BLOCK_V):
-            x = tl.load(logits_row + start + cols, mask=start + cols < V, other=-3.0e38).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-            m = m_new
-        m_row = tl.max(m, 0)
-        s_row = tl.sum(s * tl.exp(m - m_row), 0)
-        x_t = tl.load(logits_row + target).to(tl.float32)
-        # (m - x_t) + log(s) rather than lse - x_t: no large lse to cancel against x_t.
-        tl.store(loss_ptr + row, (m_row - x_t) + tl.log(s_row))
-        inv_s = 1.0 / s_row
         scale = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
-        # Second sweep: the gradient, possibly over the logits just read (each element is read
-        # before it is written, by this program only).
-        for start in range(0, V, BLOCK_V):
-            mask = start + cols < V
-            x = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        x_t = tl.load(logits_row + target).to(tl.float32)
+        if SINGLE_PASS:
+            # The whole row fits one block (V <= MAX_SINGLE_PASS_V): read it once, keep it in
+            # registers for the max, the sum and the gradient: the minimum traffic, one read and
+            # one write of the logits.
+            mask = cols < V
+            x = tl.load(logits_row + cols, mask=mask, other=-3.0e38).to(tl.float32)
+            m_row = tl.max(x, 0)
+            e = tl.exp(x - m_row)
+            s_row = tl.sum(e, 0)
+            # (m - x_t) + log(s) rather than lse - x_t: no large lse to cancel against x_t.
+            tl.store(loss_ptr + row, (m_row - x_t) + tl.log(s_row))
             # softmax as exp(x - m) / s: relative error of a few ulps, unlike exp(x - lse), whose
             # absolute error in lse (~|lse| ulps) would become a relative error of every entry.
-            g = tl.exp(x - m_row) * inv_s
-            g = tl.where(start + cols == target, g - 1.0, g) * scale
-            tl.store(grad_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            g = e * (1.0 / s_row)
+            g = tl.where(cols == target, g - 1.0, g) * scale
+            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            # Online log-sum-exp over blocks: the running max keeps exp() finite for logits of any
+            # magnitude. Lanes past V hold a huge negative finite value instead of -inf, so no
+            # inf - inf appears; their phantom terms are scaled away by exp(m - m_row) = 0.
+            m = tl.full((BLOCK_V,), -3.0e38, tl.float32)
+            s = tl.zeros((BLOCK_V,), tl.float32)
+            for start in range(0, V, BLOCK_V):
+                x = tl.load(logits_row + start + cols, mask=start + cols < V, other=-3.0e38).to(tl.float32)
+                m_new = tl.maximum(m, x)
+                s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+                m = m_new
+            m_row = tl.max(m, 0)
+            s_row = tl.sum(s * tl.exp(m - m_row), 0)
+            tl.store(loss_ptr + row, (m_row - x_t) + tl.log(s_row))
+            inv_s = 1.0 / s_row
+            # Second sweep: the gradient, possibly over the logits just read (each element is read
+            # before it is written, by this program only).
+            for start in range(0, V, BLOCK_V):
+                mask = start + cols < V
+                x = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                g = tl.exp(x - m_row) * inv_s
+                g = tl.where(start + cols == target, g - 1.0, g) * scale
+                tl.store(grad_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """x *= scale in place, skipped (one scalar read per program) when scale == 1: the usual case of
+    a loss that is the graph's output, decided on the device without a host sync."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("fastlm::scale_unless_one_", mutates_args=("x",))
+def _scale_unless_one_op(x: torch.Tensor, scale: torch.Tensor) -> None:
+    if not x.is_contiguous():
+        x.mul_(scale.to(x.dtype))
+        return
+    n = x.numel()
+    if n:
+        block = 4096
+        _scale_unless_one_kernel[(triton.cdiv(n, block),)](x, scale.reshape(1).contiguous(), n, BLOCK=block, num_warps=8)
+
+
+@_scale_unless_one_op.register_fake
+def _(x, scale):
+    return None
+
+
+def scale_unless_one_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """In place ``x *= scale`` (a 0-d tensor) without reading ``scale`` on the host; returns x."""
+    _scale_unless_one_op(x, scale)
+    return x
 
 
 def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -85,10 +139,11 @@ def ce_fwd_into(
         raise ValueError("cross_entropy needs unit stride along the vocabulary")
     if n == 0:
         return
-    block_v = min(pow2_at_least(v), 4096)
+    single = v <= MAX_SINGLE_PASS_V
+    block_v = pow2_at_least(v) if single else 4096
     _ce_fwd_kernel[(n,)](
         logits, targets, grad, losses, n_valid, logits.stride(0), grad.stride(0), v, ignore_index,
-        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        BLOCK_V=block_v, SINGLE_PASS=single, num_warps=16 if block_v >= 8192 else (8 if block_v >= 2048 else 4),
     )
 
 
@@ -140,8 +195,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
+        # The gradient was written in the forward for d loss = 1; scale it in place only if the
+        # incoming gradient differs (decided on the device). The saved buffer is handed over, so
+        # a second backward through the same graph sees it already scaled.
         (grad,) = ctx.saved_tensors
-        return grad * dloss.to(grad.dtype), None, None, None
+        return scale_unless_one_(grad, dloss), None, None, None
 
 
 def cross_entropy(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from kernels._utils import check_device
-from kernels.cross_entropy import _count_valid, ce_fwd_into
+from kernels.cross_entropy import _count_valid, ce_fwd_into, scale_unless_one_
 from kernels.reference import IGNORE_INDEX
 
 CHUNK_BYTES = 256 * 2**20  # one chunk of logits at most this large ...
@@ -96,8 +96,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
-        dx, dw = ctx.saved_tensors
-        return dx * dloss.to(dx.dtype), dw * dloss.to(dw.dtype), None, None, None
+        dx, dw = ctx.saved_tensors  # computed in the forward for d loss = 1
+        return scale_unless_one_(dx, dloss), scale_unless_one_(dw, dloss), None, None, None
 
 
 def linear_cross_entropy(

@@ -18,11 +18,29 @@ def targets_for(n, v, ignored=()):
     return t
 
 
-@pytest.mark.parametrize("n,v,scale", [(7, 5003, 1.0), (5, 33, 1e4), (1, 1, 1.0), (9, 4097, 10.0)])
+@pytest.mark.parametrize("n,v,scale", [(7, 5003, 1.0), (5, 33, 1e4), (1, 1, 1.0), (9, 4097, 10.0), (3, 20011, 5.0)])
 def test_cross_entropy_forward_and_grad(n, v, scale):
     logits = torch.randn(n, v, device=DEV) * scale
     t = targets_for(n, v, ignored=[0] if n > 2 else [])
     check_op_against_reference(triton_ops.cross_entropy, reference.cross_entropy, [logits, t], scalar=True)
+
+
+@pytest.mark.parametrize("v", [300, 20011])  # one-pass rows and two-sweep rows
+def test_backward_scales_by_a_non_unit_upstream_gradient(v):
+    logits = torch.randn(4, v, device=DEV)
+    t = targets_for(4, v, [2])
+    a = logits.clone().requires_grad_()
+    (triton_ops.cross_entropy(a, t) * 2.5).backward()
+    b = logits.double().requires_grad_()
+    (reference.cross_entropy(b, t) * 2.5).backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-7, rtol=1e-5)
+    x, w = torch.randn(6, 8, device=DEV, requires_grad=True), torch.randn(v, 8, device=DEV, requires_grad=True)
+    t6 = targets_for(6, v)
+    (triton_ops.linear_cross_entropy(x, w, t6, chunk_size=4) * -0.5).backward()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (reference.linear_cross_entropy(xd, wd, t6) * -0.5).backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wd.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_cross_entropy_extreme_logits_are_finite():
