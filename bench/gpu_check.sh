@@ -6,8 +6,9 @@
 #   bash scripts/prepare_gpu_data.sh              # on the CPU machine first: token data, carried along
 #   PYTHONPATH=. bash bench/gpu_check.sh [OUT_DIR]
 #
-# Each section has its own time limit, and benchmark rows are written as they are measured, so a
-# section cut short loses only its own remaining rows. At most 8 files come back from a device run:
+# Each section has its own time limit (120 + 110 + 110 + 2 x 40 + 45 s, plus a few seconds for the
+# device query and the report: under 8 minutes in the worst case), and benchmark rows are written
+# as they are measured, so a section cut short loses only its own remaining rows. At most 8 files come back from a device run:
 # logs.txt, results/<one file>.json, train_metrics.jsonl, report/REPORT.md and its 3 PNGs.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,19 +34,19 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 git rev-parse HEAD 2>/dev/null || true
 
 section "GPU tests"
-timeout 100 python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -30
+timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -30
 
 section "kernel benchmarks: ours, torch eager, PyTorch built-ins, Liger"
-BENCH_BACKENDS=ours,torch,builtin,liger timeout 100 bash -c "$(declare -f bench); bench -k test_kernel"
+BENCH_BACKENDS=ours,torch,builtin,liger timeout 110 bash -c "$(declare -f bench); bench -k test_kernel"
 
 section "end-to-end benchmarks"
 export BENCH_E2E=${BENCH_E2E:-tinystories:torch:0,tinystories:triton:0,tinystories:torch:1,tinystories:triton:1,gpt2-small:triton:0}
-timeout 120 bash -c "$(declare -f bench); bench -k 'train_step or largest_batch'"
+timeout 110 bash -c "$(declare -f bench); bench -k 'train_step or largest_batch'"
 
 section "training runs"
 if [ -f "$GPU_DATA/train.bin" ]; then
     for k in torch triton; do
-        timeout -k 10 40 python -m train --preset tinystories --kernels "$k" --train-data "$GPU_DATA/train.bin" \
+        timeout -k 5 35 python -m train --preset tinystories --kernels "$k" --train-data "$GPU_DATA/train.bin" \
             --valid-data "$GPU_DATA/valid.bin" --tokenizer "$GPU_DATA/tokenizer" --max-steps 200 \
             --lr-decay-iters 200 --warmup-iters 20 --log-interval 50 --eval-interval 100 --eval-batches 5 \
             --out-dir /tmp/gpu_runs --run-name "ts-$k" --resume never --quiet --sample-tokens 48 --num-samples 1 2>&1 | tail -3
@@ -57,7 +58,7 @@ else
 fi
 
 section "kernel benchmarks: torch.compile baselines"
-BENCH_BACKENDS=compile timeout 60 bash -c "$(declare -f bench); bench -k test_kernel"
+BENCH_BACKENDS=compile timeout 45 bash -c "$(declare -f bench); bench -k test_kernel"
 
 section "report"
 python -m bench.report "$OUT/results" --out "$OUT/report" 2>&1 | tail -3
