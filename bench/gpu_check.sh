@@ -6,7 +6,7 @@
 #   bash scripts/prepare_gpu_data.sh              # on the CPU machine first: token data, carried along
 #   PYTHONPATH=. bash bench/gpu_check.sh [OUT_DIR]
 #
-# Each section has its own time limit (120 + 110 + 110 + 2 x 40 + 45 s, plus a few seconds for the
+# Each section has its own time limit (120 + 110 + 100 + 2 x 40 + 45 s, plus a few seconds for the
 # device query and the report: under 8 minutes in the worst case), and benchmark rows are written
 # as they are measured, so a section cut short loses only its own remaining rows. At most 8 files come back from a device run:
 # logs.txt, results/<one file>.json, train_metrics.jsonl, report/REPORT.md and its 3 PNGs.
@@ -41,7 +41,7 @@ BENCH_BACKENDS=ours,torch,builtin,liger timeout 110 bash -c "$(declare -f bench)
 
 section "end-to-end benchmarks"
 export BENCH_E2E=${BENCH_E2E:-tinystories:torch:0,tinystories:triton:0,tinystories:torch:1,tinystories:triton:1,gpt2-small:triton:0}
-timeout 110 bash -c "$(declare -f bench); bench -k 'train_step or largest_batch'"
+timeout 100 bash -c "$(declare -f bench); bench -k 'train_step or largest_batch'"
 
 section "training runs"
 if [ -f "$GPU_DATA/train.bin" ]; then

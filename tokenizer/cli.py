@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -21,6 +22,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tokenizer.bpe_train import train_bpe
     from tokenizer.tokenizer import Tokenizer
 
+    # Fail on an unwritable output before the training, not after it.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+        raise PermissionError(f"output directory is not writable: {args.out}")
     t0 = time.perf_counter()
     vocab, merges = train_bpe(args.input, args.vocab_size, args.special_token, args.workers, progress=not args.quiet)
     seconds = time.perf_counter() - t0
