@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from bench.timing import peak_memory_bytes, time_ms
 from kernels import get_ops, reference
+from kernels._utils import interpreting
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -81,7 +82,9 @@ PRESET_SHAPES = {
 def build_cases(device: torch.device, quick: bool = False, presets: list[str] | None = None) -> list[Case]:
     """Kernel cases for the given presets' shapes (default all); ``quick`` uses one tiny shape
     (for CPU checks of the harness itself)."""
-    triton_ops = get_ops("triton") if device.type == "cuda" else None
+    # Our kernels on a GPU, or on a CPU through Triton's interpreter (correct there, not fast: the
+    # harness test uses it to exercise every mode of every op).
+    triton_ops = get_ops("triton") if device.type == "cuda" or interpreting() else None
     if quick:
         presets = {"tiny": dict(B=2, T=16, d=32, d_ff=48, H=2, D=16, V=101)}
     else:

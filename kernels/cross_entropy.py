@@ -190,7 +190,9 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = logits
         else:
             loss, grad = _ce_fwd_op(logits, targets, ignore_index)
-        ctx.save_for_backward(grad)
+        # Kept as an attribute, not through save_for_backward: the backward scales it in place, and
+        # version tracking would then refuse a second backward through the graph (retain_graph).
+        ctx.grad = grad
         return loss
 
     @staticmethod
@@ -198,8 +200,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # The gradient was written in the forward for d loss = 1; scale it in place only if the
         # incoming gradient differs (decided on the device). The saved buffer is handed over, so
         # a second backward through the same graph sees it already scaled.
-        (grad,) = ctx.saved_tensors
-        return scale_unless_one_(grad, dloss), None, None, None
+        return scale_unless_one_(ctx.grad, dloss), None, None, None
 
 
 def cross_entropy(

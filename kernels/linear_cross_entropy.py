@@ -91,13 +91,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, ignore_index, chunk_size):
         loss, dx, dw = _linear_ce_fwd_op(x, weight, targets, ignore_index, chunk_size)
-        ctx.save_for_backward(dx, dw)
+        # Attributes, not save_for_backward: the backward scales them in place (see cross_entropy).
+        ctx.dx, ctx.dw = dx, dw
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        dx, dw = ctx.saved_tensors  # computed in the forward for d loss = 1
-        return scale_unless_one_(dx, dloss), scale_unless_one_(dw, dloss), None, None, None
+        # dx and dweight were computed in the forward for d loss = 1
+        return scale_unless_one_(ctx.dx, dloss), scale_unless_one_(ctx.dw, dloss), None, None, None
 
 
 def linear_cross_entropy(

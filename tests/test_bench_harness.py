@@ -73,11 +73,13 @@ def test_kernel_cases_run_on_cpu_and_results_make_a_report(tmp_path):
     assert {c.op for c in cases} == {"rms_norm", "swiglu", "rope_qk", "attention", "cross_entropy"}
     writer = ResultsWriter("cpu", tmp_path)
     for case in cases:
-        for mode in case.modes:
-            row, call = run_case(case, "torch", mode, torch.device("cpu"), torch.float32, 10.0, 1e12, warmup=1, rep=3)
-            assert "error" not in row, row
-            assert row["ms"] > 0 and (row.get("gb_s") or row.get("tflops")) > 0
-            writer.add(**row)
+        assert "ours" in case.backends  # through the interpreter here
+        for backend in ("torch", "ours"):
+            for mode in case.modes:
+                row, call = run_case(case, backend, mode, torch.device("cpu"), torch.float32, 10.0, 1e12, warmup=1, rep=3)
+                assert "error" not in row, row
+                assert row["ms"] > 0 and (row.get("gb_s") or row.get("tflops")) > 0
+                writer.add(**row)
     path = writer.write()
     rows = load_results([tmp_path])
     assert len(rows) == len(writer.rows) and all(r["device"] and r["torch"] and r["git_commit"] for r in rows)
