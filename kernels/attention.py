@@ -241,7 +241,7 @@ def _fwd_configs():
 def _bwd_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)]
+        for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]
     ]
 
 

@@ -1,0 +1,134 @@
+"""``python -m kernels.compile_check``: compile every Triton kernel, in the configurations the
+launchers and autotuners use, for Hopper (sm_90) and the RTX 5090 (sm_120), on a machine without a
+GPU (Triton ships ptxas), and check each one's shared memory against the device's per-block limit.
+
+This catches what the CPU interpreter cannot: lowering errors, and configs that would not fit one
+of the two architectures the kernels promise to run on. Run it without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+# Per-block shared memory available to a kernel (opt-in maximum), bytes.
+SHARED_LIMIT = {90: 232_448, 120: 101_376}
+ARCH_NAME = {90: "sm_90 (H100/H200)", 120: "sm_120 (RTX 5090)"}
+
+FP32_PTRS = {"rstd_ptr", "dw_partial_ptr", "LSE", "DELTA", "loss_ptr", "n_valid_ptr", "inv_freq_ptr", "scale_ptr"}
+I64_PTRS = {"pos_ptr", "targets_ptr"}
+FLOAT_SCALARS = {"eps", "qk_scale", "sm_scale"}
+ATTENTION_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
+
+
+def _cases() -> list[dict]:
+    """(kernel, constexprs, launch options, activation dtype) in the configurations used."""
+    from kernels import attention, rms_norm
+
+    cases = []
+    for n in (512, 4096, 16384):
+        block_n, rows, warps = rms_norm._launch_params(n)
+        for k in ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel"):
+            cases.append(dict(module="rms_norm", kernel=k, constexprs={"ROWS": rows, "BLOCK_N": block_n}, num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n}"))
+    for d in (32, 128):
+        block_h = d // 2
+        block_r = max(1, min(64, 2048 // d))
+        for inverse in (False, True):
+            cases.append(dict(module="rope", kernel="_rope_kernel", constexprs={"HAS_K": True, "INVERSE": inverse, "BLOCK_R": block_r, "BLOCK_H": block_h},
+                              num_warps=4, num_stages=2, dtype="bf16", label=f"D={d} inverse={inverse}"))
+    for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
+        cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK": 1024}, num_warps=4, num_stages=2, dtype="bf16", label=""))
+    for cfg in attention._fwd_configs():
+        for d in (32, 64, 128):
+            cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "BLOCK_D": d, **cfg.kwargs},
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
+    cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": False, "DOT_PRECISION": "ieee", "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64},
+                      num_warps=4, num_stages=3, dtype="fp32", label="fp32 ieee D=64"))
+    for d in (32, 64, 128):
+        cases.append(dict(module="attention", kernel="_attn_bwd_preprocess_kernel", constexprs={"BLOCK_M": 64, "BLOCK_D": d}, num_warps=4, num_stages=2, dtype="bf16", label=f"D={d}"))
+    for cfg in attention._bwd_configs():
+        for d in (64, 128):
+            for k in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+                cases.append(dict(module="attention", kernel=k, constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "BLOCK_D": d, **cfg.kwargs},
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
+    for single, block in ((True, 16384), (False, 4096)):
+        cases.append(dict(module="cross_entropy", kernel="_ce_fwd_kernel", constexprs={"BLOCK_V": block, "SINGLE_PASS": single},
+                          num_warps=16 if block >= 8192 else 8, num_stages=2, dtype="bf16", label=f"single_pass={single}"))
+    cases.append(dict(module="cross_entropy", kernel="_scale_unless_one_kernel", constexprs={"BLOCK": 4096}, num_warps=8, num_stages=2, dtype="bf16", label=""))
+    return cases
+
+
+def _signature(fn, dtype: str, module: str) -> dict:
+    sig = {}
+    for p in fn.params:
+        n = p.name
+        if p.is_constexpr:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr") or (module == "attention" and n in ATTENTION_PTRS):
+            sig[n] = "*fp32" if n in FP32_PTRS else ("*i64" if n in I64_PTRS else f"*{dtype}")
+        elif n in FLOAT_SCALARS:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    return sig
+
+
+def compile_one(case: dict, arch: int) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"kernels.{case['module']}"), case["kernel"])
+    row = {"kernel": case["kernel"], "config": case["label"], "num_warps": case["num_warps"], "num_stages": case["num_stages"],
+           "arch": arch, "dtype": case["dtype"]}
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=fn, signature=_signature(fn, case["dtype"], case["module"]), constexprs=case["constexprs"])
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+        row.update(ok=True, shared=int(k.metadata.shared), fits=int(k.metadata.shared) <= SHARED_LIMIT[arch])
+    except Exception as e:  # a lowering or ptxas failure is the finding
+        row.update(ok=False, fits=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _run(args):
+    return compile_one(*args)
+
+
+def compile_all(archs=(90, 120), workers: int | None = None) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("run the compile check without TRITON_INTERPRET (it compiles for real GPUs)")
+    jobs = [(c, a) for a in archs for c in _cases()]
+    with ProcessPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_run, jobs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__)
+    p.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="target (repeatable; default both)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    rows = compile_all(tuple(args.arch or sorted(SHARED_LIMIT)), args.workers)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            status = "ok" if r["ok"] and r["fits"] else ("TOO MUCH SHARED MEMORY" if r["ok"] else "FAILED")
+            shared = f"{r['shared'] / 1024:6.1f} KB" if r.get("shared") is not None else "       -"
+            print(f"{ARCH_NAME[r['arch']]:<20} {r['kernel']:<30} {r['config']:<48} w{r['num_warps']} s{r['num_stages']} {shared}  {status} {r.get('error', '')}")
+    bad = [r for r in rows if not (r["ok"] and r["fits"])]
+    print(f"{len(rows) - len(bad)} of {len(rows)} kernel configurations compile and fit", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
