@@ -27,6 +27,18 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _head(ptr, bh, H, stride_b, stride_h):
+    """Pointer to the (b, h) slice of a (B, H, T, D) tensor; int64 since b * stride_b can pass 2^31."""
+    return ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile(base, rows, stride_t, cols):
+    """Pointers to a (rows, cols) tile of one head: rows along T, cols along D (unit stride)."""
+    return base + rows[:, None] * stride_t + cols[None, :]
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_n, offs_d, lo, hi, T, D, qk_scale,
@@ -46,7 +58,7 @@ def _fwd_inner(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+        v = tl.load(_tile(v_base, cols, stride_vt, offs_d), mask=col_ok[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -65,16 +77,14 @@ def _attn_fwd_kernel(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = _head(K, bh, H, stride_kb, stride_kh)
+    v_base = _head(V, bh, H, stride_vb, stride_vh)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    q_mask = row_ok[:, None] & (offs_d < D)[None, :]
+    q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d), mask=q_mask, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -97,9 +107,7 @@ def _attn_fwd_kernel(
                                    offs_m, offs_n, offs_d, full, T, T, D, qk_scale,
                                    False, True, BLOCK_N, DOT_PRECISION)
     acc = acc / l_i[:, None]
-    o_base = O + b * stride_ob + h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d), acc.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -112,13 +120,11 @@ def _attn_bwd_preprocess_kernel(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d), mask=mask, other=0.0)
+    do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, stride_dot, offs_d), mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
@@ -138,20 +144,18 @@ def _attn_bwd_dkdv_kernel(
 ):
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     col_ok = offs_n < T
     kv_mask = col_ok[:, None] & d_mask[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(_tile(_head(K, bh, H, stride_kb, stride_kh), offs_n, stride_kt, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d), mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    q_base = _head(Q, bh, H, stride_qb, stride_qh)
+    do_base = _head(DO, bh, H, stride_dob, stride_doh)
     row_base = bh.to(tl.int64) * T
     # Causal: query blocks that end before this key block see none of it and are skipped.
     lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
@@ -159,8 +163,8 @@ def _attn_bwd_dkdv_kernel(
         offs_m = start_m + offs_m0
         row_ok = offs_m < T
         q_mask = row_ok[:, None] & d_mask[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(_tile(q_base, offs_m, stride_qt, offs_d), mask=q_mask, other=0.0)
+        do = tl.load(_tile(do_base, offs_m, stride_dot, offs_d), mask=q_mask, other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
@@ -174,8 +178,8 @@ def _attn_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile(_head(DK, bh, H, stride_dkb, stride_dkh), offs_n, stride_dkt, offs_d), dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile(_head(DV, bh, H, stride_dvb, stride_dvh), offs_n, stride_dvt, offs_d), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -192,29 +196,27 @@ def _attn_bwd_dq_kernel(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     row_ok = offs_m < T
     q_mask = row_ok[:, None] & d_mask[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(_tile(_head(Q, bh, H, stride_qb, stride_qh), offs_m, stride_qt, offs_d), mask=q_mask, other=0.0)
+    do = tl.load(_tile(_head(DO, bh, H, stride_dob, stride_doh), offs_m, stride_dot, offs_d), mask=q_mask, other=0.0)
     row_base = bh.to(tl.int64) * T
     lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = _head(K, bh, H, stride_kb, stride_kh)
+    v_base = _head(V, bh, H, stride_vb, stride_vh)
     hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < T
         kv_mask = col_ok[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_d), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         ok = row_ok[:, None] & col_ok[None, :]
@@ -225,7 +227,7 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_tile(_head(DQ, bh, H, stride_dqb, stride_dqh), offs_m, stride_dqt, offs_d), dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # Configs valid on both Hopper (228 KB shared memory) and RTX 5090 (sm_120, ~101 KB): configs that
