@@ -47,10 +47,6 @@ def lookup_peak(device_name: str) -> DevicePeak | None:
     return None
 
 
-def known_devices() -> list[DevicePeak]:
-    return [p for _, p in _TABLE]
-
-
 def device_name(device: torch.device | str | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

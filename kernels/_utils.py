@@ -44,7 +44,3 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
 
 def pow2_at_least(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
-
-
-def elementwise_warps(block: int) -> int:
-    return min(max(block // 256, 1), 16)

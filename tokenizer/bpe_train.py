@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tokenizer import native
-from tokenizer.pretokenize import PRETOKEN_RE, chunk_boundaries, read_text, special_splitter, split_on_specials
+from tokenizer.pretokenize import PRETOKEN_RE, boundary_token, chunk_boundaries, read_text, special_splitter, split_on_specials
 
 CHUNK_BYTES = 8 * 2**20  # per piece for the process pool (each piece costs a process round trip)
 NATIVE_CHUNK_BYTES = 2 * 2**20  # per piece for the threads: small pieces keep peak memory low
@@ -52,11 +52,7 @@ def count_pretokens(
     path = str(input_path)
     use_native = use_native and native.load() is not None
     workers = num_workers or os.cpu_count() or 1
-    split_token = special_tokens[0].encode("utf-8") if special_tokens else None
-    # The longest special token is the safest boundary marker when several are given.
-    if special_tokens:
-        split_token = max(special_tokens, key=len).encode("utf-8")
-    bounds = chunk_boundaries(path, NATIVE_CHUNK_BYTES if use_native else CHUNK_BYTES, split_token)
+    bounds = chunk_boundaries(path, NATIVE_CHUNK_BYTES if use_native else CHUNK_BYTES, boundary_token(special_tokens))
     jobs = [(path, a, b, tuple(special_tokens), use_native) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     total: Counter = Counter()
     bar = tqdm(total=bounds[-1], unit="B", unit_scale=True, desc="pretokenize", disable=not progress)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from tokenizer.pretokenize import chunk_boundaries, read_text
+from tokenizer.pretokenize import boundary_token, chunk_boundaries, read_text
 from tokenizer.tokenizer import Tokenizer
 
 CHUNK_BYTES = 4 * 2**20
@@ -57,8 +57,7 @@ def encode_file(
     if not os.access(out_path.parent, os.W_OK):
         raise PermissionError(f"output directory is not writable: {out_path.parent}")
     dtype = token_dtype(len(tok))
-    split = max(tok.special_tokens, key=len).encode() if tok.special_tokens else None
-    bounds = chunk_boundaries(input_path, CHUNK_BYTES, split)
+    bounds = chunk_boundaries(input_path, CHUNK_BYTES, boundary_token(tok.special_tokens))
     jobs = [(str(input_path), a, b, dtype.str) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs) or 1))
     tmp = out_path.with_name(out_path.name + ".tmp")

@@ -45,6 +45,12 @@ def split_on_specials(text: str, splitter: regex.Pattern | None) -> list[str]:
     return splitter.split(text)
 
 
+def boundary_token(special_tokens: Iterable[str]) -> bytes | None:
+    """The special token file pieces are cut at (the longest, the least likely inside other text)."""
+    specials = list(special_tokens)
+    return max(specials, key=len).encode("utf-8") if specials else None
+
+
 def chunk_boundaries(path: str | os.PathLike, target_chunk_bytes: int, split_token: bytes | None) -> list[int]:
     """Byte offsets cutting the file into pieces of about ``target_chunk_bytes``, each cut placed at
     the start of an occurrence of ``split_token`` so no document (and no pretoken) straddles a cut.

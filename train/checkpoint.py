@@ -66,7 +66,8 @@ def save_checkpoint(
         torch.save(state, out)
 
 
-def _check_compatible(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+def check_compatible(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming missing, unexpected and mis-shaped keys of a saved state dict."""
     own = model.state_dict()
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
@@ -101,7 +102,7 @@ def load_checkpoint(
     """Restore model (and optimizer) state from ``src``; returns the saved iteration."""
     state = load_checkpoint_state(src)
     model = unwrap_model(model)
-    _check_compatible(model, state["model"])
+    check_compatible(model, state["model"])
     model.load_state_dict(state["model"])
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])

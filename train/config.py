@@ -8,7 +8,7 @@ be overridden from a JSON/TOML config file and from the command line.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from model.config import ModelConfig
@@ -92,10 +92,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def run_fields() -> list:
-    return list(fields(RunConfig))
 
 
 def read_settings_file(path: str | Path, what: str = "config file") -> dict:

@@ -28,7 +28,7 @@ from bench.results import provenance
 from model import ModelConfig, TransformerLM
 from model.flops import training_flops_per_token
 from train.checkpoint import (
-    _check_compatible,
+    check_compatible,
     gather_state_dicts,
     load_checkpoint_state,
     load_optimizer_state,
@@ -182,7 +182,7 @@ class Trainer:
         self.sharded = r.fsdp and self.dist.enabled
         state = self._resume_state()
         if state is not None:  # full weights go in before sharding; FSDP2 then splits them
-            _check_compatible(self.raw_model, state["model"])
+            check_compatible(self.raw_model, state["model"])
             self.raw_model.load_state_dict(state["model"])
         self.model = wrap_model(self.raw_model, self.dist, self.device, r.fsdp)
         # The optimizer is built on the wrapped model's parameters (FSDP2 swaps in sharded ones).
@@ -346,34 +346,39 @@ class Trainer:
                     reserve = 3 * per_step + eval_seconds + 5.0
                     out_of_time = elapsed + reserve >= r.time_budget
                 stop = last or out_of_time or self.stop_signal is not None
-                if self.step % r.log_interval == 0 or stop:
-                    now = time.time()
+                log_due = self.step % r.log_interval == 0 or stop
+                eval_due = self.step % r.eval_interval == 0 or stop
+                record = {"step": self.step, "tokens": self.tokens_seen}
+                if log_due:
                     train_loss = all_reduce_mean(loss_acc / acc_steps, self.dist).item()
                     if not math.isfinite(train_loss):
                         raise TrainingDiverged(
                             f"non-finite training loss ({train_loss}) at step {self.step}; the last good checkpoint is kept in {self.ckpt_dir}. "
                             "Try a lower --lr, a smaller --grad-clip, or --dtype fp32."
                         )
-                    dt = now - t_log
+                    dt = time.time() - t_log
                     tok_s = acc_steps * tokens_per_step / dt
-                    record = {
-                        "step": self.step, "tokens": self.tokens_seen, "train_loss": train_loss, "lr": lr,
+                    record.update({
+                        "train_loss": train_loss, "lr": lr,
                         "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                        "tokens_per_s": tok_s, "step_time_ms": 1000 * dt / acc_steps, "wall_time": elapsed,
+                        "tokens_per_s": tok_s, "step_time_ms": 1000 * dt / acc_steps,
                         "mfu": tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None,
                         "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
-                    }
-                    if self.step % r.eval_interval == 0 or stop:
-                        t_eval = time.time()
-                        last_val = self.evaluate()
-                        eval_seconds = time.time() - t_eval
-                        record["val_loss"] = last_val
-                        self.best_val = min(self.best_val, last_val)
+                    })
+                record["wall_time"] = elapsed
+                if eval_due:
+                    t_eval = time.time()
+                    last_val = self.evaluate()
+                    eval_seconds = time.time() - t_eval
+                    record["val_loss"] = last_val
+                    self.best_val = min(self.best_val, last_val)
+                if log_due or eval_due:
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
                     if self.wandb is not None:
                         self.wandb.log(record, step=self.step)
+                if log_due:
                     if bar is not None:
                         post = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
                         if record["mfu"] is not None:
@@ -383,11 +388,6 @@ class Trainer:
                         bar.set_postfix(post)
                     loss_acc.zero_()
                     acc_steps, t_log = 0, time.time()
-                elif self.step % r.eval_interval == 0:
-                    last_val = self.evaluate()
-                    self.best_val = min(self.best_val, last_val)
-                    if metrics is not None:
-                        metrics.write(json.dumps({"step": self.step, "tokens": self.tokens_seen, "val_loss": last_val, "wall_time": elapsed}) + "\n")
                 if stop or self.step % r.checkpoint_interval == 0:
                     if not stop:
                         # Never checkpoint a diverged state: check the loss before saving.
