@@ -233,23 +233,25 @@ def _attn_bwd_dq_kernel(
 # Configs valid on both Hopper (228 KB shared memory) and RTX 5090 (sm_120, ~101 KB): configs that
 # do not fit a device fail to compile there and the autotuner drops them. The lists are short on
 # purpose: every config is a compile (1-2 s) per new (T, head dim, causal) the first time it is seen.
-def _fwd_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
-    ]
+# Head dims of 128 and more get their own lists: there, the 4-warp tiles that suit D <= 64 run out
+# of registers and spill (`python -m kernels.compile_check` prints registers and spilled bytes for
+# each config; every config below is spill-free on sm_90 at D = 32, 64 and 128).
+def _fwd_configs(large_d: bool = False):
+    shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)] if large_d else [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-def _bwd_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]
-    ]
+def _bwd_configs(large_d: bool = False):
+    shapes = [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)] if large_d else [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-_fwd_tuned = triton.autotune(_fwd_configs(), key=["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])(_attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_bwd_configs(), key=["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"])(_attn_bwd_dq_kernel)
+_KEY = ["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
+# Autotuned launchers by "large head dim" (BLOCK_D >= LARGE_D).
+LARGE_D = 128
+_fwd_tuned = {large: triton.autotune(_fwd_configs(large), key=_KEY)(_attn_fwd_kernel) for large in (False, True)}
+_dkdv_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)}
+_dq_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)}
 
 # The interpreter runs every program in Python: small fixed tiles keep CPU tests fast.
 _INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -297,7 +299,7 @@ def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         _attn_fwd_kernel[grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
     else:
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _fwd_tuned[grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
+        _fwd_tuned[block_d >= LARGE_D][grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
     return o, lse
 
 
@@ -321,8 +323,9 @@ def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Ten
         _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
         _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
     else:
-        _dkdv_tuned[lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
-        _dq_tuned[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
+        large = block_d >= LARGE_D
+        _dkdv_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
+        _dq_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
     return dq, dk, dv
 
 

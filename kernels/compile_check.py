@@ -1,9 +1,10 @@
 """``python -m kernels.compile_check``: compile every Triton kernel, in the configurations the
 launchers and autotuners use, for Hopper (sm_90) and the RTX 5090 (sm_120), on a machine without a
 GPU (Triton ships ptxas), and check each one's shared memory against the device's per-block limit.
+Registers and spilled bytes per thread are printed beside it.
 
-This catches what the CPU interpreter cannot: lowering errors, and configs that would not fit one
-of the two architectures the kernels promise to run on. Run it without TRITON_INTERPRET.
+This catches what the CPU interpreter cannot: lowering errors, configs that would not fit one of
+the two architectures the kernels promise to run on, and tiles too large for the register file. Run it without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -42,16 +46,16 @@ def _cases() -> list[dict]:
                               num_warps=4, num_stages=2, dtype="bf16", label=f"D={d} inverse={inverse}"))
     for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
         cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK": 1024}, num_warps=4, num_stages=2, dtype="bf16", label=""))
-    for cfg in attention._fwd_configs():
-        for d in (32, 64, 128):
+    for d in (32, 64, 128):
+        for cfg in attention._fwd_configs(d >= attention.LARGE_D):
             cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "BLOCK_D": d, **cfg.kwargs},
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
     cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": False, "DOT_PRECISION": "ieee", "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64},
                       num_warps=4, num_stages=3, dtype="fp32", label="fp32 ieee D=64"))
     for d in (32, 64, 128):
         cases.append(dict(module="attention", kernel="_attn_bwd_preprocess_kernel", constexprs={"BLOCK_M": 64, "BLOCK_D": d}, num_warps=4, num_stages=2, dtype="bf16", label=f"D={d}"))
-    for cfg in attention._bwd_configs():
-        for d in (64, 128):
+    for d in (32, 64, 128):
+        for cfg in attention._bwd_configs(d >= attention.LARGE_D):
             for k in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
                 cases.append(dict(module="attention", kernel=k, constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "BLOCK_D": d, **cfg.kwargs},
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
@@ -77,6 +81,24 @@ def _signature(fn, dtype: str, module: str) -> dict:
     return sig
 
 
+def resource_usage(cubin: bytes) -> tuple[int, int] | None:
+    """(registers per thread, stack bytes per thread) of a compiled kernel, read with the cuobjdump
+    Triton ships; None when it is missing. Stack bytes are register spills (local-memory traffic),
+    or a local array of a libdevice routine: sin/cos keep 32 bytes for their rarely taken
+    huge-argument path, which is the RoPE kernel's 32."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def compile_one(case: dict, arch: int) -> dict:
     import importlib
 
@@ -92,6 +114,9 @@ def compile_one(case: dict, arch: int) -> dict:
         src = ASTSource(fn=fn, signature=_signature(fn, case["dtype"], case["module"]), constexprs=case["constexprs"])
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
         row.update(ok=True, shared=int(k.metadata.shared), fits=int(k.metadata.shared) <= SHARED_LIMIT[arch])
+        usage = resource_usage(k.asm["cubin"])
+        if usage is not None:
+            row.update(registers=usage[0], spill_bytes=usage[1])
     except Exception as e:  # a lowering or ptxas failure is the finding
         row.update(ok=False, fits=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -124,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             status = "ok" if r["ok"] and r["fits"] else ("TOO MUCH SHARED MEMORY" if r["ok"] else "FAILED")
             shared = f"{r['shared'] / 1024:6.1f} KB" if r.get("shared") is not None else "       -"
-            print(f"{ARCH_NAME[r['arch']]:<20} {r['kernel']:<30} {r['config']:<48} w{r['num_warps']} s{r['num_stages']} {shared}  {status} {r.get('error', '')}")
+            regs = f"{r['registers']:4d} regs {r['spill_bytes']:5d} B spilled" if "registers" in r else ""
+            print(f"{ARCH_NAME[r['arch']]:<20} {r['kernel']:<30} {r['config']:<48} w{r['num_warps']} s{r['num_stages']} {shared} {regs}  {status} {r.get('error', '')}")
     bad = [r for r in rows if not (r["ok"] and r["fits"])]
     print(f"{len(rows) - len(bad)} of {len(rows)} kernel configurations compile and fit", file=sys.stderr)
     return 1 if bad else 0
