@@ -118,6 +118,14 @@ def run_step_benchmark(preset_name: str, kernels: str, device: torch.device, com
         if breakdown:
             comp = profile_breakdown(step, device)
             row["breakdown_ms"] = comp
+            # Kernel time over step time: well below 100% means the GPU waits for the host (launch
+            # overhead: the case for CUDA graphs), not for its own work.
+            if device.type == "cuda":
+                row["device_busy_pct"] = 100 * sum(comp.values()) / ms
+            if kernels == "triton" and device.type == "cuda":
+                from kernels.attention import autotuned_configs
+
+                row["attention_autotuned"] = autotuned_configs(cfg.d_model // cfg.num_heads)
             fl = forward_flops_breakdown(cfg, cfg.context_length, b)
             matmul_flops = 3 * (fl["attn_proj"] + fl["ffn"] + fl["lm_head"])
             attn_flops = 3.5 * fl["attn_matmul"] * 0.5  # executed work: causal half, bwd 2.5x

@@ -137,19 +137,22 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
         for r in kern:
             ref = base.get((r["op"], r["shape"], r["mode"], r["device"]))
             speedup = ref / r["ms"] if ref and r.get("ms") else None
-            lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['backend']} | {_fmt(r.get('ms'), 3)} | {_fmt(r.get('gb_s'), 0)} | {_fmt(r.get('tflops'), 1)} | {_fmt(r.get('pct_of_peak'), 1)} | {_fmt(r.get('peak_mem_mb'), 0)} | {_fmt(speedup)}x | {r.get('error', '')} |")
+            note = r.get("error") or ", ".join(f"{k} {v}" for k, v in (r.get("autotuned") or {}).items())
+            lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['backend']} | {_fmt(r.get('ms'), 3)} | {_fmt(r.get('gb_s'), 0)} | {_fmt(r.get('tflops'), 1)} | {_fmt(r.get('pct_of_peak'), 1)} | {_fmt(r.get('peak_mem_mb'), 0)} | {_fmt(speedup)}x | {note} |")
         if plot_kernels(kern, out_dir / "kernels.png"):
             lines += ["", "![kernels](kernels.png)"]
     e2e = [r for r in rows if r.get("kind") == "e2e"]
     if e2e:
         lines += ["", "## End to end (one training step: forward, backward, optimizer)", "",
-                  "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB | estimated GB | matmul TFLOP/s | attention TFLOP/s | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB | estimated GB | matmul TFLOP/s | attention TFLOP/s | GPU busy | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             bt = r.get("breakdown_tflops") or {}
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
             mfu2 = f"{100 * r['mfu_measured_peak']:.1f}%" if r.get("mfu_measured_peak") else "-"
-            lines.append(f"| {r['preset']} | {r['backend']} | {r.get('batch_size', '-')} | {_fmt(r.get('ms'))} | {_fmt(r.get('tokens_per_s'), 0)} | {mfu} | {mfu2} | {_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('est_peak_mem_gb'))} | {_fmt(bt.get('matmul'), 1)} | {_fmt(bt.get('attention'), 1)} | {r.get('error', '')} |")
+            lines.append(f"| {r['preset']} | {r['backend']} | {r.get('batch_size', '-')} | {_fmt(r.get('ms'))} | {_fmt(r.get('tokens_per_s'), 0)} | {mfu} | {mfu2} | {_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('est_peak_mem_gb'))} | {_fmt(bt.get('matmul'), 1)} | {_fmt(bt.get('attention'), 1)} | {_fmt(r.get('device_busy_pct'), 0) + '%' if r.get('device_busy_pct') else '-'} | {r.get('error', '')} |")
+        lines += ["", "GPU busy: kernel time over step time; well under 100% means the step waits on the host "
+                  "(launch overhead), not on the GPU."]
         comps = sorted({c for r in e2e for c in (r.get("breakdown_ms") or {})})
         if comps:
             lines += ["", "Step time by component (device ms per step, from the profiler):", "",

@@ -253,6 +253,18 @@ _fwd_tuned = {large: triton.autotune(_fwd_configs(large), key=_KEY)(_attn_fwd_ke
 _dkdv_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)}
 _dq_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)}
 
+def autotuned_configs(head_dim: int) -> dict[str, str]:
+    """The tile each attention autotuner for this head dim chose on its latest call, as
+    "BLOCK_MxBLOCK_N wWARPS sSTAGES" (for benchmark records; empty before the first GPU call)."""
+    large = max(16, pow2_at_least(head_dim)) >= LARGE_D
+    out = {}
+    for name, tuners in (("fwd", _fwd_tuned), ("bwd_dkdv", _dkdv_tuned), ("bwd_dq", _dq_tuned)):
+        cfg = getattr(tuners[large], "best_config", None)
+        if cfg is not None:
+            out[name] = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+    return out
+
+
 # The interpreter runs every program in Python: small fixed tiles keep CPU tests fast.
 _INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 

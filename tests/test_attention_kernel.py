@@ -104,3 +104,18 @@ def test_attention_long_context_and_linear_memory():
     q, k, v = (torch.randn(1, 2, 8192, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = reference.attention(q.float(), k.float(), v.float())
     assert max_err(triton_ops.attention(q, k, v), ref) < 2e-2
+
+
+@pytest.mark.gpu
+def test_autotuned_tiles_are_reported_per_head_dim():
+    from kernels.attention import _bwd_configs, _fwd_configs, autotuned_configs
+
+    def tile(c):
+        return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+
+    for d, large in ((64, False), (128, True)):
+        q, k, v = (torch.randn(1, 2, 512, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        triton_ops.attention(q, k, v).sum().backward()
+        chosen = autotuned_configs(d)
+        assert chosen["fwd"] in {tile(c) for c in _fwd_configs(large)}
+        assert {chosen["bwd_dkdv"], chosen["bwd_dq"]} <= {tile(c) for c in _bwd_configs(large)}

@@ -89,6 +89,21 @@ def test_kernel_cases_run_on_cpu_and_results_make_a_report(tmp_path):
     assert "| rms_norm |" in text and "Provenance" in text and (tmp_path / "rep" / "flops.png").exists()
 
 
+def test_report_shows_gpu_busy_and_autotuned_tiles(tmp_path):
+    # Rows shaped like the GPU check's (written by hand: no GPU here).
+    writer = ResultsWriter("cpu", tmp_path)
+    writer.add(kind="kernel", op="attention", shape="long B4 H16 T4096 D128 causal", backend="ours", mode="fwd+bwd",
+               dtype="bfloat16", ms=3.0, tflops=320.0, autotuned={"fwd": "128x64 w8 s3", "bwd_dq": "64x32 w8 s2"})
+    writer.add(kind="e2e", preset="tinystories", backend="triton", batch_size=64, ms=8.0, tokens_per_s=2.0e6,
+               mfu=0.23, breakdown_ms={"matmul": 4.0, "other": 1.2}, device_busy_pct=65.0)
+    writer.add(kind="e2e", preset="tinystories", backend="torch", batch_size=64, ms=20.0, tokens_per_s=8.0e5)
+    text = build_report([tmp_path], tmp_path / "rep").read_text()
+    assert "fwd 128x64 w8 s3, bwd_dq 64x32 w8 s2" in text
+    line = next(x for x in text.splitlines() if x.startswith("| tinystories | triton |") and "%" in x)
+    assert "| 65% |" in line and "| 23.0% |" in line
+    assert any(x.startswith("| tinystories | torch |") and "| - |" in x for x in text.splitlines())
+
+
 def test_failing_backend_is_a_row_not_a_crash():
     case = build_cases(torch.device("cpu"), quick=True)[0]
     case.backends["broken"] = lambda *a: 1 / 0
