@@ -7,7 +7,8 @@
 #   PYTHONPATH=. bash bench/gpu_check.sh [OUT_DIR]
 #
 # Each section has its own time limit (120 + 110 + 100 + 2 x 40 + 45 s, plus a few seconds for the
-# device query and the report: under 8 minutes in the worst case), and benchmark rows are written
+# device query and the report: under 8 minutes in the worst case; the first section's processes
+# run side by side under one limit), and benchmark rows are written
 # as they are measured, so a section cut short loses only its own remaining rows. At most 8 files come back from a device run:
 # logs.txt, results/<one file>.json, train_metrics.jsonl, report/REPORT.md and its 3 PNGs.
 set -u
@@ -33,8 +34,25 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tail -1
 git rev-parse HEAD 2>/dev/null || true
 
-section "GPU tests"
-timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -30
+section "GPU tests (4 processes) beside the kernel warm-up (2 processes)"
+# Compiling the kernels' autotuned configs is CPU work done one config at a time per process: the
+# tests run as 4 round-robin shards and bench.warm compiles the benchmark shapes into Triton's disk
+# cache meanwhile, so the benchmark sections below spend their time measuring.
+shards=$(mktemp -d)
+python -m pytest -q --collect-only -p no:cacheprovider -m gpu tests 2>/dev/null | grep '::' > "$shards/ids"
+in_shard() { timeout 120 "$@"; }
+for i in 0 1 2 3; do
+    mapfile -t ids < <(awk -v i="$i" 'NR % 4 == i' "$shards/ids")
+    [ "${#ids[@]}" -gt 0 ] && in_shard python -m pytest -q -p no:cacheprovider "${ids[@]}" > "$shards/tests_$i.log" 2>&1 &
+done
+for i in 0 1; do
+    in_shard python -m bench.warm --shard "$i" --shards 2 > "$shards/warm_$i.log" 2>&1 &
+done
+wait
+echo "$(wc -l < "$shards/ids") GPU tests:"
+for f in "$shards"/tests_*.log; do grep -E "^(FAILED|ERROR)|passed|failed|skipped|error" "$f" | tail -8; done
+grep -hE "^E  " "$shards"/tests_*.log | head -30
+echo "warm-up:"; cat "$shards"/warm_*.log | tail -24
 
 section "kernel benchmarks: ours, torch eager, PyTorch built-ins, Liger"
 BENCH_BACKENDS=ours,torch,builtin,liger timeout 110 bash -c "$(declare -f bench); bench -k test_kernel"

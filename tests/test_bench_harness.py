@@ -109,3 +109,13 @@ def test_failing_backend_is_a_row_not_a_crash():
     case.backends["broken"] = lambda *a: 1 / 0
     row, call = run_case(case, "broken", "fwd", torch.device("cpu"), torch.float32, None, None, warmup=1, rep=3)
     assert row["error"].startswith("ZeroDivisionError") and call is None
+
+
+def test_warm_up_runs_its_shard_of_our_kernels():
+    from bench.warm import warm
+
+    lines = [warm(i, 2, None, torch.device("cpu"), quick=True) for i in (0, 1)]
+    ops = [line.split(" [")[0] for shard in lines for line in shard]
+    assert sorted(ops) == sorted(c.op for c in build_cases(torch.device("cpu"), quick=True))
+    assert all(": ok (" in line for shard in lines for line in shard), lines
+    assert len(lines[0]) == len(lines[1]) + 1  # 5 cases, round robin
