@@ -7,7 +7,9 @@ wholly above the diagonal are never visited and only the diagonal band is masked
 row log-sum-exp (log2 units, fp32): memory O(T), never (T x T).
 
 Backward: a pass for delta = rowsum(dO * O), then dK/dV by key block (looping over query blocks)
-and dQ by query block (looping over key blocks). No atomics: the gradients are deterministic.
+and dQ by query block (looping over key blocks). No atomics: the gradients are deterministic. As in
+the forward, only blocks on the diagonal band (and dQ's block at the tail of T, without the causal
+mask) pay for a mask; rows and keys past T are loaded as zeros and add nothing.
 
 fp32 inputs are accepted (the interpreter tests run them); on a GPU their dots run in full fp32
 ("ieee"), slower than tensor cores but exact, so fp32 runs agree with the torch backend.
@@ -91,6 +93,7 @@ def _attn_fwd_kernel(
     if CAUSAL:
         # Key blocks left of this query block need no mask; the diagonal band does; blocks to the
         # right are wholly masked and skipped (half the work of full attention).
+        tl.static_assert(BLOCK_M % BLOCK_N == 0, "causal forward tiles need BLOCK_M a multiple of BLOCK_N")
         diag = start_m * BLOCK_M
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                    offs_m, offs_n, offs_d, 0, diag, T, D, qk_scale,
@@ -130,6 +133,32 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_block(
+    dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, offs_m0, offs_n, offs_d, d_mask,
+    stride_qt, stride_dot, T, qk_scale, in_band,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One query block's share of a key block's dK and dV. Rows past T load as zeros (q, dO, lse,
+    delta), so they add nothing and need no mask; nor do keys past T, whose rows are never stored."""
+    offs_m = start_m + offs_m0
+    row_ok = offs_m < T
+    q_mask = row_ok[:, None] & d_mask[None, :]
+    q = tl.load(_tile(q_base, offs_m, stride_qt, offs_d), mask=q_mask, other=0.0)
+    do = tl.load(_tile(do_base, offs_m, stride_dot, offs_d), mask=q_mask, other=0.0)
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
+    p_t = tl.exp2(s_t - lse[None, :])
+    if in_band:
+        p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qt,
@@ -148,8 +177,7 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    col_ok = offs_n < T
-    kv_mask = col_ok[:, None] & d_mask[None, :]
+    kv_mask = (offs_n < T)[:, None] & d_mask[None, :]
     k = tl.load(_tile(_head(K, bh, H, stride_kb, stride_kh), offs_n, stride_kt, offs_d), mask=kv_mask, other=0.0)
     v = tl.load(_tile(_head(V, bh, H, stride_vb, stride_vh), offs_n, stride_vt, offs_d), mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -157,29 +185,43 @@ def _attn_bwd_dkdv_kernel(
     q_base = _head(Q, bh, H, stride_qb, stride_qh)
     do_base = _head(DO, bh, H, stride_dob, stride_doh)
     row_base = bh.to(tl.int64) * T
-    # Causal: query blocks that end before this key block see none of it and are skipped.
+    # Causal: query blocks that end before this key block see none of it and are skipped; only
+    # those overlapping its columns (the diagonal band, below band_hi) need the mask. The test is
+    # uniform over the program, one loop keeps the software pipelining of the old single loop.
     lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    band_hi = tl.cdiv((start_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start_m in range(lo, T, BLOCK_M):
-        offs_m = start_m + offs_m0
-        row_ok = offs_m < T
-        q_mask = row_ok[:, None] & d_mask[None, :]
-        q = tl.load(_tile(q_base, offs_m, stride_qt, offs_d), mask=q_mask, other=0.0)
-        do = tl.load(_tile(do_base, offs_m, stride_dot, offs_d), mask=q_mask, other=0.0)
-        lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M): scores transposed
-        p_t = tl.exp2(s_t - lse[None, :])
-        ok = row_ok[None, :] & col_ok[:, None]
-        if CAUSAL:
-            ok = ok & (offs_m[None, :] >= offs_n[:, None])
-        p_t = tl.where(ok, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, offs_m0, offs_n, offs_d, d_mask,
+                             stride_qt, stride_dot, T, qk_scale, start_m < band_hi, DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(_tile(_head(DK, bh, H, stride_dkb, stride_dkh), offs_n, stride_dkt, offs_d), dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(_tile(_head(DV, bh, H, stride_dvb, stride_dvh), offs_n, stride_dvt, offs_d), dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask, stride_kt, stride_vt, T, qk_scale, masked,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One key block's share of a query block's dQ. Keys past T load as zeros, so they add nothing
+    to dq = ds @ k, except that their p = exp2(-lse) can overflow for very negative scores (inf * 0):
+    the block holding T's tail is therefore masked too (``masked``, uniform over the program)."""
+    offs_n = start_n + offs_n0
+    col_ok = offs_n < T
+    kv_mask = col_ok[:, None] & d_mask[None, :]
+    k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(v_base, offs_n, stride_vt, offs_d), mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if masked:
+        if CAUSAL:  # keys past T lie right of every query: this mask covers them too
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        else:
+            p = tl.where(col_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -210,22 +252,13 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     k_base = _head(K, bh, H, stride_kb, stride_kh)
     v_base = _head(V, bh, H, stride_vb, stride_vh)
+    # Causal: key blocks wholly left of this query block need no mask, those from band_lo on do,
+    # those wholly right of it are skipped. Otherwise only the block holding T's tail is masked.
     hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
+    mask_from = (start_m * BLOCK_M // BLOCK_N) * BLOCK_N if CAUSAL else (T // BLOCK_N) * BLOCK_N
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < T
-        kv_mask = col_ok[:, None] & d_mask[None, :]
-        k = tl.load(_tile(k_base, offs_n, stride_kt, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(_tile(v_base, offs_n, stride_vt, offs_d), mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        ok = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask, stride_kt, stride_vt,
+                       T, qk_scale, start_n >= mask_from, CAUSAL, DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(_tile(_head(DQ, bh, H, stride_dqb, stride_dqh), offs_m, stride_dqt, offs_d), dq.to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -266,7 +299,9 @@ def autotuned_configs(head_dim: int) -> dict[str, str]:
 
 
 # The interpreter runs every program in Python: small fixed tiles keep CPU tests fast.
-_INTERP_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+# (Tests swap in unequal tiles, as the GPU configs use, to check the band and tail arithmetic.)
+_INTERP_FWD_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+_INTERP_BWD_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -307,8 +342,8 @@ def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), h, t, d, sm_scale * LOG2E)
     block_d = max(16, pow2_at_least(d))
     if interpreting():
-        grid = (triton.cdiv(t, _INTERP_BLOCKS["BLOCK_M"]), b * h)
-        _attn_fwd_kernel[grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
+        grid = (triton.cdiv(t, _INTERP_FWD_BLOCKS["BLOCK_M"]), b * h)
+        _attn_fwd_kernel[grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_FWD_BLOCKS)
     else:
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
         _fwd_tuned[block_d >= LARGE_D][grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
@@ -331,9 +366,9 @@ def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Ten
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), h, t, d, sm_scale * LOG2E, sm_scale)
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides(dq), h, t, d, sm_scale * LOG2E, sm_scale)
     if interpreting():
-        bm, bn = _INTERP_BLOCKS["BLOCK_M"], _INTERP_BLOCKS["BLOCK_N"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
-        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BLOCKS)
+        bm, bn = _INTERP_BWD_BLOCKS["BLOCK_M"], _INTERP_BWD_BLOCKS["BLOCK_N"]
+        _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS)
+        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS)
     else:
         large = block_d >= LARGE_D
         _dkdv_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)

@@ -22,6 +22,41 @@ def test_attention_forward_and_grads(t, d, causal):
     )
 
 
+@pytest.mark.skipif(GPU, reason="sets the interpreter's tiles; on a GPU the autotuner's configs run")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("fwd_blocks,bwd_blocks", [((32, 16), (16, 32)), ((32, 16), (32, 16)), ((16, 16), (16, 64))])
+def test_attention_with_unequal_tiles(monkeypatch, fwd_blocks, bwd_blocks, causal):
+    # The GPU configs use BLOCK_M != BLOCK_N (128x64, 32x128, 64x32...): the diagonal band's and the
+    # tail's bounds must hold for those too, with T cutting through blocks of either size.
+    from kernels import attention as attn
+
+    monkeypatch.setattr(attn, "_INTERP_FWD_BLOCKS", dict(zip(("BLOCK_M", "BLOCK_N"), fwd_blocks)))
+    monkeypatch.setattr(attn, "_INTERP_BWD_BLOCKS", dict(zip(("BLOCK_M", "BLOCK_N"), bwd_blocks)))
+    for t in (40, 77):
+        q, k, v = (torch.randn(1, 2, t, 16, device=DEV) for _ in range(3))
+        check_op_against_reference(
+            lambda q, k, v: triton_ops.attention(q, k, v, causal=causal),
+            lambda q, k, v: reference.attention(q, k, v, causal=causal),
+            [q, k, v],
+        )
+
+
+def test_attention_backward_stays_finite_for_very_negative_scores():
+    # Rows whose scores are all far below zero: lse is very negative, so a key past T (loaded as
+    # zeros) would get p = exp2(-lse) = inf unless the tail block masks it.
+    u = torch.nn.functional.normalize(torch.randn(16, device=DEV), dim=0)
+    q = 30 * u + 0.1 * torch.randn(1, 1, 45, 16, device=DEV)
+    k = -30 * u + 0.1 * torch.randn(1, 1, 45, 16, device=DEV)  # every score near -900 / 4
+    v = torch.randn(1, 1, 45, 16, device=DEV)
+    for causal in (True, False):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        triton_ops.attention(qq, kk, vv, causal=causal).sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (qq, kk, vv))
+        qr, kr, vr = (t.double().clone().requires_grad_() for t in (q, k, v))
+        reference.attention(qr, kr, vr, causal=causal).sum().backward()
+        assert max_err(qq.grad, qr.grad) < 1e-3 * qr.grad.abs().max().item() + 1e-4
+
+
 def test_attention_reads_strided_views_in_place():
     # The model's layout: (B, T, H, D) projections viewed as (B, H, T, D).
     q, k, v = (torch.randn(2, 19, 3, 16, device=DEV).transpose(1, 2) for _ in range(3))
