@@ -125,3 +125,15 @@ def test_cross_entropy_low_precision_on_gpu(dtype):
     check_op_against_reference(
         triton_ops.linear_cross_entropy, reference.linear_cross_entropy, [x, w, targets_for(2048, 10000, [3])], dtype=dtype, scalar=True
     )
+
+
+def test_linear_cross_entropy_chunks_are_even(monkeypatch):
+    from kernels import linear_cross_entropy as lce
+
+    cpu = torch.device("cpu")
+    # TinyStories' head in bf16: 16384 x 10000 logits are 328 MB, over the 256 MB budget: two even chunks.
+    assert lce.chunk_rows(16384, 10000, 2, cpu) == 8192
+    assert lce.chunk_rows(100, 10000, 2, cpu) == 100  # fits in one
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 1000 * 4 * 300)  # 300 rows of V = 1000 fp32
+    rows = lce.chunk_rows(1001, 1000, 4, cpu)
+    assert rows % 16 == 0 and -(-1001 // rows) == 4 and 1001 - 3 * rows > 0.5 * rows
