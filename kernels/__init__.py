@@ -3,7 +3,8 @@
 The model resolves its backend once, when it is built, and reaches every hot op through the returned
 namespace. Both backends expose the same functions with the same signatures:
 
-- ``rms_norm(x, weight, eps)``: RMSNorm over the last dim (fp32 math, input dtype out).
+- ``rms_norm(x, weight, eps, out_dtype=None)``: RMSNorm over the last dim (fp32 math, input dtype
+  out unless ``out_dtype`` says otherwise).
 - ``rope(x, token_positions, theta)``: rotate adjacent pairs of x (..., T, D).
 - ``rope_qk(q, k, token_positions, theta) -> (q, k)``: both of a layer's rotations (one launch on triton).
 - ``attention(q, k, v, causal=True)``: q, k, v (B, H, T, D).

@@ -49,7 +49,8 @@ def _ce_fwd_kernel(
             # registers for the max, the sum and the gradient: the minimum traffic, one read and
             # one write of the logits.
             mask = cols < V
-            x = tl.load(logits_row + cols, mask=mask, other=-3.0e38).to(tl.float32)
+            # lanes past V: a huge negative fp32 value, set after the cast (in fp16 it would be -inf)
+            x = tl.where(mask, tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32), -3.0e38)
             m_row = tl.max(x, 0)
             e = tl.exp(x - m_row)
             s_row = tl.sum(e, 0)
@@ -67,7 +68,8 @@ def _ce_fwd_kernel(
             m = tl.full((BLOCK_V,), -3.0e38, tl.float32)
             s = tl.zeros((BLOCK_V,), tl.float32)
             for start in range(0, V, BLOCK_V):
-                x = tl.load(logits_row + start + cols, mask=start + cols < V, other=-3.0e38).to(tl.float32)
+                in_row = start + cols < V
+                x = tl.where(in_row, tl.load(logits_row + start + cols, mask=in_row, other=0.0).to(tl.float32), -3.0e38)
                 m_new = tl.maximum(m, x)
                 s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
                 m = m_new

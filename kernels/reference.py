@@ -41,12 +41,12 @@ def scaled_dot_product_attention(
     return torch.matmul(softmax(scores, dim=-1), v)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """x / rms(x) * weight over the last dim, computed in fp32, returned in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, computed in fp32, returned in x's dtype (or ``out_dtype``)."""
     cdt = _compute_dtype(x)
     xf = x.to(cdt)
     rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (xf * rstd * weight.to(cdt)).to(x.dtype)
+    return (xf * rstd * weight.to(cdt)).to(out_dtype or x.dtype)
 
 
 def rope_angles(token_positions: torch.Tensor, d: int, theta: float, dtype: torch.dtype) -> torch.Tensor:

@@ -81,15 +81,17 @@ def _launch_params(n: int) -> tuple[int, int, int]:
     return block_n, rows, num_warps
 
 
-def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (..., N), weight (N,) -> y (same shape and dtype as x), rstd (rows,) fp32."""
+def rmsnorm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., N), weight (N,) -> y (x's shape, x's dtype or ``out_dtype``), rstd (rows,) fp32."""
     check_device(x, weight)
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim {n}")
     x2 = rows_view(x)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block_n, rows, warps = _launch_params(n)
@@ -122,13 +124,15 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
 # --- registration: opaque named ops for torch.compile, the profiler and FlopCounterMode ----------
 
 @torch.library.custom_op("fastlm::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return rmsnorm_fwd(x, weight, eps)
+def _rms_norm_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rmsnorm_fwd(x, weight, eps, out_dtype)
 
 
 @_rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+def _(x, weight, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::rms_norm_bwd", mutates_args=())
@@ -145,18 +149,23 @@ def _(dy, x, weight, rstd):
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _rms_norm_fwd_op(x, weight, eps)
+    def forward(ctx, x, weight, eps, out_dtype):
+        y, rstd = _rms_norm_fwd_op(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        # dy comes in y's dtype (bf16 when the output was cast for a matmul); dx leaves in x's.
         x, weight, rstd = ctx.saved_tensors
         dx, dw = _rms_norm_bwd_op(dy, x, weight, rstd)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Fused RMSNorm over the last dim; fp32 math, output in x's dtype."""
-    return RMSNormFunction.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused RMSNorm over the last dim; fp32 math, output in x's dtype or ``out_dtype``.
+
+    ``out_dtype`` lets a norm whose output only feeds matmuls write it once in the autocast dtype,
+    instead of each matmul casting it again (autocast caches casts of weights, not activations).
+    """
+    return RMSNormFunction.apply(x, weight, eps, out_dtype)

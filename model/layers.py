@@ -49,16 +49,28 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * g over the last dim; computed in fp32, returned in the input dtype."""
+    """x / rms(x) * g over the last dim; computed in fp32, returned in the input dtype.
 
-    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None, *, ops: Ops | str | None = None):
+    ``feeds_matmul``: the output goes only into matmuls (a pre-norm block's norms, the final norm).
+    Under autocast it is then returned in the autocast dtype, cast once here, where each matmul
+    reading it would otherwise cast it again (q, k and v: three casts of the same activation, and
+    three fp32 gradients summed in the backward). The values the matmuls see are the same.
+    """
+
+    def __init__(
+        self, d_model: int, eps: float = 1e-5, device=None, dtype=None, *, ops: Ops | str | None = None, feeds_matmul: bool = False
+    ):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
         self.ops = _ops(ops)
+        self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight, self.eps)
+        out_dtype = None
+        if self.feeds_matmul and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        return self.ops.rms_norm(x, self.weight, self.eps, out_dtype)
 
 
 class SwiGLU(nn.Module):
@@ -217,7 +229,8 @@ class TransformerBlock(nn.Module):
         self.post_norm = post_norm
 
         def norm() -> nn.Module:
-            return RMSNorm(d_model, eps, device, dtype, ops=ops) if use_rmsnorm else Identity()
+            # pre-norm: the norms' outputs feed only the projections; post-norm: they are the residual stream
+            return RMSNorm(d_model, eps, device, dtype, ops=ops, feeds_matmul=not post_norm) if use_rmsnorm else Identity()
 
         self.ln1 = norm()
         self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, device, dtype, ops=ops)

@@ -29,6 +29,26 @@ def test_rms_norm_non_contiguous_input():
     check_op_against_reference(triton_ops.rms_norm, reference.rms_norm, [xt, w, 1e-5])
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_writes_the_matmul_dtype(out_dtype):
+    # fp32 residual in, low-precision normalised rows out (what a pre-norm block's projections read);
+    # the gradient comes back in that dtype and dx leaves in fp32.
+    x, w = randn(37, 130), randn(130) + 1.0
+    y = triton_ops.rms_norm(x, w, 1e-5, out_dtype)
+    assert y.dtype == out_dtype
+    ref = reference.rms_norm(x.double(), w.double(), 1e-5)
+    assert torch.equal(y, ref.to(out_dtype)) or max_err(y, ref) <= ref.abs().max().item() * 2**-7
+    dy = randn(37, 130).to(out_dtype)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    triton_ops.rms_norm(xl, wl, 1e-5, out_dtype).backward(dy)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    reference.rms_norm(xr, wr, 1e-5).backward(dy.double())
+    assert xl.grad.dtype == torch.float32 and wl.grad.dtype == torch.float32
+    assert max_err(xl.grad, xr.grad) < 1e-5 * xr.grad.abs().max().item() + 1e-6
+    assert max_err(wl.grad, wr.grad) < 1e-5 * wr.grad.abs().max().item() + 1e-6
+    assert reference.rms_norm(x, w, 1e-5, out_dtype).dtype == out_dtype
+
+
 def test_rms_norm_dweight_is_deterministic():
     x, w, dy = randn(301, 77), randn(77), randn(301, 77)
     grads = []

@@ -236,3 +236,40 @@ def test_unknown_backend_lists_known_ones():
         get_ops("cuda-magic")
     with pytest.raises(ValueError, match="torch, triton"):
         TransformerLM(tiny_config(), kernels="jax")
+
+
+def _casts_in(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # fp32 -> bf16 casts of (B, T, width) activations (weights are 2-D, heads 4-D)
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 3 and args[0].dtype == torch.float32 \
+                    and (kwargs or {}).get("dtype") == torch.bfloat16:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return Count.n, out
+
+
+def test_pre_norm_casts_its_output_once_under_autocast():
+    # Autocast caches casts of weights, not of activations: without this, ln1's output is cast to
+    # bf16 three times (q, k, v) and ln2's twice (w1, w3). The matmuls see the same values.
+    torch.manual_seed(0)
+    m = TransformerLM(tiny_config(), kernels="torch")
+    x = torch.randint(0, 61, (2, 16))
+    counts, logits = {}, {}
+    for on in (True, False):
+        for mod in m.modules():
+            if isinstance(mod, model.RMSNorm):
+                mod.feeds_matmul = on
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            counts[on], logits[on] = _casts_in(lambda: m(x))
+    assert counts[False] - counts[True] == 3 * m.config.num_layers, counts
+    assert torch.equal(logits[True], logits[False])
+    post = TransformerLM(tiny_config(post_norm=True), kernels="torch")
+    assert not any(mod.feeds_matmul for mod in post.modules() if isinstance(mod, model.RMSNorm))
