@@ -14,7 +14,7 @@ import torch
 from bench.timing import peak_memory_bytes, time_ms
 from model import TransformerLM
 from model.flops import forward_flops_breakdown, training_flops_per_token, training_memory
-from train.config import preset
+from train.config import compile_model, preset
 from train.optimizer import AdamW, clip_grad_norm
 
 COMPONENTS = ("matmul", "attention", "norm", "rope", "swiglu", "loss", "optimizer", "other")
@@ -44,12 +44,14 @@ def classify_kernel(name: str) -> str:
     return "other"
 
 
-def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: int | None = None, compile: bool = False):
+def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: int | None = None, compile: bool | str = False):
+    """A training step (forward, backward, clip, AdamW) of a preset's model; ``compile``: False, True
+    (torch.compile's default mode) or a mode name from ``train.config.COMPILE_MODES``."""
     model_cfg, run = preset(preset_name)
     b = batch_size or run["batch_size"]
     model = TransformerLM(model_cfg, kernels=kernels).to(device)
     opt = AdamW(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if compile else model
+    fwd = compile_model(model, compile if isinstance(compile, str) else "default") if compile else model
     x = torch.randint(0, model_cfg.vocab_size, (b, model_cfg.context_length), device=device)
     y = torch.randint(0, model_cfg.vocab_size, (b, model_cfg.context_length), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -92,11 +94,12 @@ def profile_breakdown(step, device: torch.device, steps: int = 3) -> dict[str, f
     return out
 
 
-def run_step_benchmark(preset_name: str, kernels: str, device: torch.device, compile: bool = False,
+def run_step_benchmark(preset_name: str, kernels: str, device: torch.device, compile: bool | str = False,
                        batch_size: int | None = None, peak_flops: float | None = None,
                        measured_peak_flops: float | None = None, breakdown: bool = True,
                        warmup: int = 25, rep: int = 100) -> dict:
-    row = {"kind": "e2e", "preset": preset_name, "backend": kernels + ("+compile" if compile else ""),
+    label = "" if not compile else ("+compile" if compile is True or compile == "default" else f"+compile:{compile}")
+    row = {"kind": "e2e", "preset": preset_name, "backend": kernels + label,
            "dtype": "bf16" if device.type == "cuda" else "fp32"}
     try:
         step, cfg, b = make_step(preset_name, kernels, device, batch_size, compile)

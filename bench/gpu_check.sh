@@ -58,7 +58,7 @@ section "kernel benchmarks: ours, torch eager, PyTorch built-ins, Liger"
 BENCH_BACKENDS=ours,torch,builtin,liger timeout 110 bash -c "$(declare -f bench); bench -k test_kernel"
 
 section "end-to-end benchmarks"
-export BENCH_E2E=${BENCH_E2E:-tinystories:torch:0,tinystories:triton:0,gpt2-small:triton:0,tinystories:torch:1,tinystories:triton:1}  # most important first
+export BENCH_E2E=${BENCH_E2E:-tinystories:torch:0,tinystories:triton:0,gpt2-small:triton:0,tinystories:torch:1,tinystories:triton:1,tinystories:triton:reduce-overhead}  # most important first
 timeout 100 bash -c "$(declare -f bench); bench -k 'train_step or largest_batch'"
 
 section "training runs"

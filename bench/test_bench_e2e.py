@@ -17,8 +17,8 @@ GPU_CASES = [
     ("gpt2-small", "triton", False, 16),
     ("gpt2-small", "triton", True, 16),
 ]
-if os.environ.get("BENCH_E2E"):  # e.g. BENCH_E2E=tinystories:triton:1,gpt2-small:triton:0
-    GPU_CASES = [(p, k, c == "1", None) for p, k, c in (s.split(":") for s in os.environ["BENCH_E2E"].split(","))]
+if os.environ.get("BENCH_E2E"):  # e.g. BENCH_E2E=tinystories:triton:1,gpt2-small:triton:0,tinystories:triton:reduce-overhead
+    GPU_CASES = [(p, k, {"0": False, "1": True}.get(c, c), None) for p, k, c in (s.split(":") for s in os.environ["BENCH_E2E"].split(","))]
 
 
 @requires_gpu

@@ -145,6 +145,22 @@ def test_config_file_and_flags_override_the_preset(tmp_path):
         resolve(["--preset", "nope"])
 
 
+def test_compile_mode_flag_reaches_torch_compile(monkeypatch):
+    import torch
+
+    from train.config import compile_model
+
+    _, _, run, _ = resolve(["--preset", "smoke", "--compile", "--compile-mode", "reduce-overhead"])
+    assert run.compile and run.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        resolve(["--preset", "smoke", "--compile-mode", "fastest"])
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    net = torch.nn.Linear(2, 2)
+    assert compile_model(net, "reduce-overhead") is net and compile_model(net) is net
+    assert seen == ["reduce-overhead", None]
+
+
 def test_presets_match_the_handout():
     _, m, r, _ = resolve(["--preset", "tinystories"])
     assert (m.vocab_size, m.context_length, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.rope_theta) == (10000, 256, 512, 4, 16, 1344, 10000.0)

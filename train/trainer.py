@@ -35,7 +35,7 @@ from train.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from train.config import RunConfig
+from train.config import RunConfig, compile_model
 from train.data import batch_from_starts
 from train.data_prep import prepare_data
 from train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
@@ -189,7 +189,7 @@ class Trainer:
         self.optimizer = AdamW(self.model.parameters(), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps, weight_decay=r.weight_decay)
         if state is not None:
             self._restore(state)
-        self.forward = torch.compile(self.model) if r.compile else self.model
+        self.forward = compile_model(self.model, r.compile_mode) if r.compile else self.model
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and r.dtype == "bf16" else nullcontext()
         )
