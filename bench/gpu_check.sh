@@ -9,8 +9,9 @@
 # Each section has its own time limit (120 + 110 + 100 + 2 x 40 + 45 s, plus a few seconds for the
 # device query and the report: under 8 minutes in the worst case; the first section's processes
 # run side by side under one limit), and benchmark rows are written
-# as they are measured, so a section cut short loses only its own remaining rows. At most 8 files come back from a device run:
-# logs.txt, results/<one file>.json, train_metrics.jsonl, report/REPORT.md and its 3 PNGs.
+# as they are measured, so a section cut short loses only its own remaining rows. At most 8 files
+# come back from a device run: logs.txt, results/<one file>.json (BENCH_RESULTS_APPEND makes the three
+# benchmark sessions share it), train_metrics.jsonl, report/REPORT.md and its 3 PNGs.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-bench/gpu_out}}
@@ -19,6 +20,7 @@ LOG="$OUT/logs.txt"
 export PYTHONPATH=${PYTHONPATH:-.}:.
 export PYTHONUNBUFFERED=1
 export BENCH_RESULTS_DIR="$OUT/results"
+export BENCH_RESULTS_APPEND=1  # the three benchmark sessions below fill one results file
 export BENCH_QUICK=1
 export BENCH_PRESETS=${BENCH_PRESETS:-tinystories,gpt2-small}
 GPU_DATA=${GPU_DATA:-.gpu_data}

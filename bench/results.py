@@ -55,10 +55,25 @@ def provenance(device: torch.device | str) -> dict:
 
 
 class ResultsWriter:
-    def __init__(self, device: torch.device | str, out_dir: str | Path | None = None):
+    def __init__(self, device: torch.device | str, out_dir: str | Path | None = None, append: bool = False):
         self.meta = provenance(device)
         self.rows: list[dict] = []
         self.out_dir = Path(out_dir or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
+        if append or os.environ.get("BENCH_RESULTS_APPEND") == "1":
+            self._continue_latest()
+
+    def _continue_latest(self) -> None:
+        """Continue the newest results file of this device and commit in out_dir, if any: several
+        benchmark sessions (the GPU check runs four) then leave one file, not one each."""
+        for f in sorted(self.out_dir.glob("*.json"), reverse=True):
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            meta = data.get("meta", {})
+            if meta.get("device") == self.meta["device"] and meta.get("git_commit") == self.meta["git_commit"]:
+                self.meta, self.rows = meta, list(data.get("rows", []))
+                return
 
     def add(self, **row) -> dict:
         """Record a row; the file is rewritten each time, so a run cut short keeps what it measured."""

@@ -119,3 +119,21 @@ def test_warm_up_runs_its_shard_of_our_kernels():
     assert sorted(ops) == sorted(c.op for c in build_cases(torch.device("cpu"), quick=True))
     assert all(": ok (" in line for shard in lines for line in shard), lines
     assert len(lines[0]) == len(lines[1]) + 1  # 5 cases, round robin
+
+
+def test_benchmark_sessions_can_share_one_results_file(tmp_path, monkeypatch):
+    # The GPU check runs several pytest sessions and may bring back at most 8 files: with
+    # BENCH_RESULTS_APPEND=1 each session continues the newest file of the same device and commit.
+    first = ResultsWriter("cpu", tmp_path)
+    first.meta["date"] = "2026-01-01T00:00:00+00:00"  # an earlier session: its own file name
+    first.add(kind="kernel", op="a", ms=1.0)
+    (tmp_path / "other.json").write_text('{"meta": {"device": "NVIDIA H100", "git_commit": "x"}, "rows": [{"kind": "e2e"}]}')
+    monkeypatch.setenv("BENCH_RESULTS_APPEND", "1")
+    second = ResultsWriter("cpu", tmp_path)
+    second.add(kind="e2e", preset="smoke", ms=2.0)
+    files = sorted(tmp_path.glob("*.json"))
+    assert [f.name for f in files if f.name != "other.json"] == [first.path.name]
+    rows = [r for r in load_results([first.path])]
+    assert [r["kind"] for r in rows] == ["kernel", "e2e"]
+    monkeypatch.delenv("BENCH_RESULTS_APPEND")
+    assert ResultsWriter("cpu", tmp_path).rows == []  # without it, a new file per session
