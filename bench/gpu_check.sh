@@ -25,6 +25,14 @@ export BENCH_QUICK=1
 export BENCH_PRESETS=${BENCH_PRESETS:-tinystories,gpt2-small}
 GPU_DATA=${GPU_DATA:-.gpu_data}
 start=$(date +%s)
+# Pure-Python wheels carried in $GPU_DATA/wheels (Liger-Kernel, for its numbers beside ours): a wheel
+# is a zip, so unpacking it onto the path installs it without pip or network.
+if compgen -G "$GPU_DATA/wheels/*.whl" > /dev/null; then
+    for w in "$GPU_DATA"/wheels/*.whl; do
+        python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$w" /tmp/fastlm_site
+    done
+    export PYTHONPATH=/tmp/fastlm_site:$PYTHONPATH
+fi
 section() { echo; echo "=== $1 ($(( $(date +%s) - start )) s) ==="; }
 bench() {  # pytest-benchmark, quiet table
     python -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-disable-gc --benchmark-columns=median "$@" 2>&1 \

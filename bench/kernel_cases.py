@@ -50,7 +50,7 @@ def _liger(name: str):
         if name == "cross_entropy":
             from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
 
-            return lambda logits, t: LigerCrossEntropyFunction.apply(logits, t)[0]
+            return lambda logits, t: LigerCrossEntropyFunction.apply(logits, t, None)[0]  # weight has no default
         if name == "linear_cross_entropy":
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 

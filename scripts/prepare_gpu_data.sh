@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Token data for the GPU check's training runs, made here (CPU) so the device's minutes are not
 # spent on BPE: the first 20 MB of ../shared/data/novels100.txt (last 1 MB for validation), a
-# 10,000-token BPE, uint16 token files. Writes .gpu_data/ (git-ignored; carry it to the device).
+# 10,000-token BPE, uint16 token files. Also fetches the Liger-Kernel wheel (pure Python; the GPU box
+# has no network) so the kernel benchmarks can put its numbers beside ours. Writes .gpu_data/
+# (git-ignored; carry it to the device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${1:-../shared/data/novels100.txt}
@@ -17,4 +19,8 @@ python -m tokenizer train --input .gpu_data/train.txt --vocab-size 10000 --speci
 python -m tokenizer encode --tokenizer .gpu_data/tokenizer --input .gpu_data/train.txt --out .gpu_data/train.bin --quiet
 python -m tokenizer encode --tokenizer .gpu_data/tokenizer --input .gpu_data/valid.txt --out .gpu_data/valid.bin --quiet
 rm .gpu_data/train.txt .gpu_data/valid.txt
-ls -la .gpu_data
+mkdir -p .gpu_data/wheels
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform any -d .gpu_data/wheels "liger-kernel==${LIGER_VERSION:-0.8.5}" \
+    || echo "Liger-Kernel wheel not fetched (no network?): the benchmarks will run without it"
+ls -la .gpu_data .gpu_data/wheels
