@@ -223,10 +223,13 @@ def run_case(case: Case, backend: str, mode: str, device: torch.device, dtype: t
             call = backward if mode == "bwd" else both
         ms = time_ms(call, device, warmup, rep)
         if case.op == "attention" and backend == "ours" and device.type == "cuda":
-            from kernels.attention import autotuned_configs
+            from kernels.attention import autotune_timings, autotuned_configs
 
-            chosen = autotuned_configs(inputs[0].shape[-1])
-            row["autotuned"] = {k: v for k, v in chosen.items() if mode != "fwd" or k == "fwd"}
+            # the tuners this mode ran, whose latest tuning was this shape's (cases run one by one)
+            keep = {"fwd"} if mode == "fwd" else {"fwd", "bwd_dkdv", "bwd_dq"}
+            d = inputs[0].shape[-1]
+            row["autotuned"] = {k: v for k, v in autotuned_configs(d).items() if k in keep}
+            row["autotune_ms"] = {k: v for k, v in autotune_timings(d).items() if k in keep}
         row["ms"] = ms
         row["peak_mem_mb"] = (peak_memory_bytes(call, device) or 0) / 2**20 if device.type == "cuda" else None
         work = case.work(mode, tensors[0].element_size())

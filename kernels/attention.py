@@ -286,16 +286,29 @@ _fwd_tuned = {large: triton.autotune(_fwd_configs(large), key=_KEY)(_attn_fwd_ke
 _dkdv_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)}
 _dq_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)}
 
+def _tile_name(cfg) -> str:
+    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _tuners(head_dim: int):
+    large = max(16, pow2_at_least(head_dim)) >= LARGE_D
+    return (("fwd", _fwd_tuned[large]), ("bwd_dkdv", _dkdv_tuned[large]), ("bwd_dq", _dq_tuned[large]))
+
+
 def autotuned_configs(head_dim: int) -> dict[str, str]:
     """The tile each attention autotuner for this head dim chose on its latest call, as
     "BLOCK_MxBLOCK_N wWARPS sSTAGES" (for benchmark records; empty before the first GPU call)."""
-    large = max(16, pow2_at_least(head_dim)) >= LARGE_D
+    return {name: _tile_name(t.best_config) for name, t in _tuners(head_dim) if getattr(t, "best_config", None) is not None}
+
+
+def autotune_timings(head_dim: int) -> dict[str, dict[str, float]]:
+    """Median milliseconds of every config in each autotuner's latest tuning run (inf: did not
+    fit the device), so one GPU run's records show how close the runners-up came."""
     out = {}
-    for name, tuners in (("fwd", _fwd_tuned), ("bwd_dkdv", _dkdv_tuned), ("bwd_dq", _dq_tuned)):
-        cfg = getattr(tuners[large], "best_config", None)
-        if cfg is not None:
-            out[name] = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
-    return out
+    for name, t in _tuners(head_dim):
+        timings = getattr(t, "configs_timings", None) or {}
+        out[name] = {_tile_name(c): float(v[0] if isinstance(v, (list, tuple)) else v) for c, v in timings.items()}
+    return {k: v for k, v in out.items() if v}
 
 
 # The interpreter runs every program in Python: small fixed tiles keep CPU tests fast.

@@ -143,7 +143,7 @@ def test_attention_long_context_and_linear_memory():
 
 @pytest.mark.gpu
 def test_autotuned_tiles_are_reported_per_head_dim():
-    from kernels.attention import _bwd_configs, _fwd_configs, autotuned_configs
+    from kernels.attention import _bwd_configs, _fwd_configs, autotune_timings, autotuned_configs
 
     def tile(c):
         return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
@@ -154,3 +154,20 @@ def test_autotuned_tiles_are_reported_per_head_dim():
         chosen = autotuned_configs(d)
         assert chosen["fwd"] in {tile(c) for c in _fwd_configs(large)}
         assert {chosen["bwd_dkdv"], chosen["bwd_dq"]} <= {tile(c) for c in _bwd_configs(large)}
+        timings = autotune_timings(d)
+        assert set(timings["fwd"]) == {tile(c) for c in _fwd_configs(large)}
+        assert set(timings["bwd_dq"]) == {tile(c) for c in _bwd_configs(large)}
+        assert timings["fwd"][chosen["fwd"]] == min(timings["fwd"].values())
+
+
+def test_autotune_records_name_tiles_and_timings(monkeypatch):
+    # What the benchmarks record from the autotuners (filled here by hand: no GPU to tune on).
+    from kernels import attention as attn
+
+    fwd = attn._fwd_tuned[False]
+    cfgs = attn._fwd_configs(False)
+    monkeypatch.setattr(fwd, "configs_timings", {cfgs[0]: [0.5, 0.4, 0.6], cfgs[1]: [float("inf")] * 3}, raising=False)
+    monkeypatch.setattr(fwd, "best_config", cfgs[0], raising=False)
+    assert attn.autotuned_configs(64)["fwd"] == "128x64 w8 s3"
+    assert attn.autotune_timings(64)["fwd"] == {"128x64 w8 s3": 0.5, "128x64 w4 s2": float("inf")}
+    assert "fwd" not in attn.autotune_timings(128)  # head dim 128 has its own tuners
