@@ -13,6 +13,11 @@ mask) pay for a mask; rows and keys past T are loaded as zeros and add nothing.
 
 fp32 inputs are accepted (the interpreter tests run them); on a GPU their dots run in full fp32
 ("ieee"), slower than tensor cores but exact, so fp32 runs agree with the torch backend.
+
+The head dim D is a compile-time constant: with D == BLOCK_D (32, 64, 128) the head-dim mask
+folds away, so tiles load as 16-byte vectors and the K/V (and Q/dO) loads are software-pipelined
+with cp.async. With D a runtime value, its mask made every load a 2-byte scalar and no loop was
+pipelined (found by reading the compiled TTGIR; `python -m kernels.compile_check` counts them).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    H, T, D, qk_scale,
+    H, T, D: tl.constexpr, qk_scale,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -118,7 +123,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
-    H, T, D,
+    H, T, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -167,7 +172,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
-    H, T, D, qk_scale, sm_scale,
+    H, T, D: tl.constexpr, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -232,7 +237,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    H, T, D, qk_scale, sm_scale,
+    H, T, D: tl.constexpr, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -274,17 +279,23 @@ def _fwd_configs(large_d: bool = False):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-def _bwd_configs(large_d: bool = False):
-    shapes = [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)] if large_d else [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]
+def _bwd_configs(large_d: bool = False, kernel: str = "dkdv"):
+    # dK/dV holds a key block and loops over query blocks: BLOCK_N the larger side; dQ the reverse.
+    if large_d:
+        shapes = [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
+    elif kernel == "dkdv":
+        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]
+    else:
+        shapes = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-_KEY = ["T", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
+_KEY = ["T", "D", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
 # Autotuned launchers by "large head dim" (BLOCK_D >= LARGE_D).
 LARGE_D = 128
 _fwd_tuned = {large: triton.autotune(_fwd_configs(large), key=_KEY)(_attn_fwd_kernel) for large in (False, True)}
-_dkdv_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)}
-_dq_tuned = {large: triton.autotune(_bwd_configs(large), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)}
+_dkdv_tuned = {large: triton.autotune(_bwd_configs(large, "dkdv"), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)}
+_dq_tuned = {large: triton.autotune(_bwd_configs(large, "dq"), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)}
 
 def _tile_name(cfg) -> str:
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"

@@ -26,6 +26,11 @@ ARCH_NAME = {90: "sm_90 (H100/H200)", 120: "sm_120 (RTX 5090)"}
 FP32_PTRS = {"rstd_ptr", "dw_partial_ptr", "LSE", "DELTA", "loss_ptr", "n_valid_ptr", "inv_freq_ptr", "scale_ptr"}
 I64_PTRS = {"pos_ptr", "targets_ptr"}
 FLOAT_SCALARS = {"eps", "qk_scale", "sm_scale"}
+# Integer arguments compiled as multiples of 16, as Triton's JIT specializes them when they are (it
+# does so for every pointer and int argument): strides and sizes are at the presets' shapes
+# (widths 512..4096, d_ff 1344, vocab 10000 and 32000, T 256 and 1024, head dim 32..128). Not
+# ignore_index, head counts or GPT-2's vocab of 50257, which compile as plain ints.
+DIVISIBLE_INTS = {"M", "N", "numel", "V", "T", "R", "HALF"}
 ATTENTION_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
 
 
@@ -48,16 +53,16 @@ def _cases() -> list[dict]:
         cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK": 1024}, num_warps=4, num_stages=2, dtype="bf16", label=""))
     for d in (32, 64, 128):
         for cfg in attention._fwd_configs(d >= attention.LARGE_D):
-            cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "BLOCK_D": d, **cfg.kwargs},
+            cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
-    cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": False, "DOT_PRECISION": "ieee", "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64},
+    cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": False, "DOT_PRECISION": "ieee", "D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64},
                       num_warps=4, num_stages=3, dtype="fp32", label="fp32 ieee D=64"))
     for d in (32, 64, 128):
-        cases.append(dict(module="attention", kernel="_attn_bwd_preprocess_kernel", constexprs={"BLOCK_M": 64, "BLOCK_D": d}, num_warps=4, num_stages=2, dtype="bf16", label=f"D={d}"))
+        cases.append(dict(module="attention", kernel="_attn_bwd_preprocess_kernel", constexprs={"BLOCK_M": 64, "D": d, "BLOCK_D": d}, num_warps=4, num_stages=2, dtype="bf16", label=f"D={d}"))
     for d in (32, 64, 128):
-        for cfg in attention._bwd_configs(d >= attention.LARGE_D):
-            for k in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-                cases.append(dict(module="attention", kernel=k, constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "BLOCK_D": d, **cfg.kwargs},
+        for k in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+            for cfg in attention._bwd_configs(d >= attention.LARGE_D, k.split("_")[-2]):
+                cases.append(dict(module="attention", kernel=k, constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
     for single, block in ((True, 16384), (False, 4096)):
         cases.append(dict(module="cross_entropy", kernel="_ce_fwd_kernel", constexprs={"BLOCK_V": block, "SINGLE_PASS": single},
@@ -99,6 +104,13 @@ def resource_usage(cubin: bytes) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def widest_global_load(ptx: str) -> int:
+    """Bits per thread of the widest global load in the PTX: 128 is a 16-byte vector; 16 means the
+    tiles are read one bf16 element at a time (a mask or an address Triton cannot prove aligned)."""
+    widths = [int(v or 1) * int(b) for v, b in re.findall(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.b(\d+)", ptx)]
+    return max(widths, default=0)
+
+
 def compile_one(case: dict, arch: int) -> dict:
     import importlib
 
@@ -111,12 +123,16 @@ def compile_one(case: dict, arch: int) -> dict:
            "arch": arch, "dtype": case["dtype"]}
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=fn, signature=_signature(fn, case["dtype"], case["module"]), constexprs=case["constexprs"])
+        sig = _signature(fn, case["dtype"], case["module"])
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+                 if sig[p.name].startswith("*") or p.name.startswith("stride") or p.name in DIVISIBLE_INTS}
+        src = ASTSource(fn=fn, signature=sig, constexprs=case["constexprs"], attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
         row.update(ok=True, shared=int(k.metadata.shared), fits=int(k.metadata.shared) <= SHARED_LIMIT[arch])
         usage = resource_usage(k.asm["cubin"])
         if usage is not None:
             row.update(registers=usage[0], spill_bytes=usage[1])
+        row.update(load_bits=widest_global_load(k.asm["ptx"]), async_copies=len(re.findall(r"async_copy_global_to_local", k.asm["ttgir"])))
     except Exception as e:  # a lowering or ptxas failure is the finding
         row.update(ok=False, fits=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -150,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok" if r["ok"] and r["fits"] else ("TOO MUCH SHARED MEMORY" if r["ok"] else "FAILED")
             shared = f"{r['shared'] / 1024:6.1f} KB" if r.get("shared") is not None else "       -"
             regs = f"{r['registers']:4d} regs {r['spill_bytes']:5d} B spilled" if "registers" in r else ""
+            regs += f" {r['load_bits']:3d}-bit loads {r['async_copies']:2d} async" if "load_bits" in r else ""
             print(f"{ARCH_NAME[r['arch']]:<20} {r['kernel']:<30} {r['config']:<48} w{r['num_warps']} s{r['num_stages']} {shared} {regs}  {status} {r.get('error', '')}")
     bad = [r for r in rows if not (r["ok"] and r["fits"])]
     print(f"{len(rows) - len(bad)} of {len(rows)} kernel configurations compile and fit", file=sys.stderr)

@@ -44,3 +44,11 @@ def test_every_kernel_compiles_and_fits_hopper_and_rtx5090():
         spilled = [f"{x['kernel']} {x['config']} w{x['num_warps']}: {x['spill_bytes']} B" for x in hopper_attention if x["spill_bytes"] > 64]
         assert not spilled, "attention configs spilling registers on sm_90:\n" + "\n".join(spilled)
         assert all(0 < x["registers"] <= 255 for x in hopper_attention)
+    # Loads: 16-byte vectors everywhere (bf16 tiles read element by element would cap bandwidth),
+    # and every attention loop software-pipelined (cp.async). A head dim passed as a runtime value
+    # once kept its mask from folding away, which silently did neither.
+    narrow = [f"{x['arch']} {x['kernel']} {x['config']}: {x['load_bits']}-bit" for x in rows
+              if x["dtype"] == "bf16" and x.get("load_bits", 128) < 64]
+    assert not narrow, "narrow global loads:\n" + "\n".join(narrow)
+    loops = [x for x in rows if x["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")]
+    assert loops and all(x["async_copies"] > 0 for x in loops), [x["config"] for x in loops if not x["async_copies"]]
