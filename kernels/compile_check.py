@@ -64,9 +64,12 @@ def _cases() -> list[dict]:
             for cfg in attention._bwd_configs(d >= attention.LARGE_D, k.split("_")[-2]):
                 cases.append(dict(module="attention", kernel=k, constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
-    for single, block in ((True, 16384), (False, 4096)):
-        cases.append(dict(module="cross_entropy", kernel="_ce_fwd_kernel", constexprs={"BLOCK_V": block, "SINGLE_PASS": single},
-                          num_warps=16 if block >= 8192 else 8, num_stages=2, dtype="bf16", label=f"single_pass={single}"))
+    from kernels import cross_entropy
+
+    for single, block in ((True, 16384), (True, 32768), (False, 4096)):
+        for dtype in ("bf16", "fp32") if single else ("bf16",):
+            cases.append(dict(module="cross_entropy", kernel="_ce_fwd_kernel", constexprs={"BLOCK_V": block, "SINGLE_PASS": single},
+                              num_warps=cross_entropy._warps(block), num_stages=2, dtype=dtype, label=f"single_pass={single} BLOCK_V={block}"))
     cases.append(dict(module="cross_entropy", kernel="_scale_unless_one_kernel", constexprs={"BLOCK": 4096}, num_warps=8, num_stages=2, dtype="bf16", label=""))
     return cases
 

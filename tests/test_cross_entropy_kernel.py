@@ -18,14 +18,14 @@ def targets_for(n, v, ignored=()):
     return t
 
 
-@pytest.mark.parametrize("n,v,scale", [(7, 5003, 1.0), (5, 33, 1e4), (1, 1, 1.0), (9, 4097, 10.0), (3, 20011, 5.0)])
+@pytest.mark.parametrize("n,v,scale", [(7, 5003, 1.0), (5, 33, 1e4), (1, 1, 1.0), (9, 4097, 10.0), (3, 20011, 5.0), (2, 33001, 3.0)])
 def test_cross_entropy_forward_and_grad(n, v, scale):
     logits = torch.randn(n, v, device=DEV) * scale
     t = targets_for(n, v, ignored=[0] if n > 2 else [])
     check_op_against_reference(triton_ops.cross_entropy, reference.cross_entropy, [logits, t], scalar=True)
 
 
-@pytest.mark.parametrize("v", [300, 20011])  # one-pass rows and two-sweep rows
+@pytest.mark.parametrize("v", [300, 20011, 33001])  # one-pass rows (up to 32K) and two-sweep rows
 def test_backward_scales_by_a_non_unit_upstream_gradient(v):
     logits = torch.randn(4, v, device=DEV)
     t = targets_for(4, v, [2])
