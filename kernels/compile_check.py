@@ -28,8 +28,9 @@ I64_PTRS = {"pos_ptr", "targets_ptr"}
 FLOAT_SCALARS = {"eps", "qk_scale", "sm_scale"}
 # Integer arguments compiled as multiples of 16, as Triton's JIT specializes them when they are (it
 # does so for every pointer and int argument): strides and sizes are at the presets' shapes
-# (widths 512..4096, d_ff 1344, vocab 10000 and 32000, T 256 and 1024, head dim 32..128). Not
-# ignore_index, head counts or GPT-2's vocab of 50257, which compile as plain ints.
+# (widths 512..4096, d_ff 1344, T 256 and 1024, head dim 32..128), and the cross-entropy kernel's
+# row width V is one at 10,000 and 32,000 and, padded by the fused head, at GPT-2's 50,257. Not
+# ignore_index or head counts, which compile as plain ints.
 DIVISIBLE_INTS = {"M", "N", "numel", "V", "T", "R", "HALF"}
 ATTENTION_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
 

@@ -52,10 +52,19 @@ def linear_ce_fwd(x, weight, targets, ignore_index: int, chunk_size: int):
     dx = torch.empty_like(x)
     single = n <= chunk
     dw = None if single else torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    # One logits buffer for all chunks, its rows padded to a multiple of 16 columns that hold -inf:
+    # the cross-entropy kernel then runs over whole 16-byte vectors even when V (GPT-2's 50,257) is
+    # not a multiple of 16 (the padding adds nothing to the sum and gets a zero gradient, which
+    # the next chunk's refill overwrites). The matmuls see only the first V columns.
+    vp = -(-v // 16) * 16
+    buf = torch.empty((min(chunk, n), vp), dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
         xc = x[start : start + chunk]
-        logits = torch.matmul(xc, weight.t())
-        ce_fwd_into(logits, targets[start : start + chunk], logits, losses[start : start + chunk], n_valid, ignore_index)
+        rows = xc.shape[0]
+        if vp > v:
+            buf[:rows, v:].fill_(float("-inf"))
+        logits = torch.matmul(xc, weight.t(), out=buf[:rows, :v])
+        ce_fwd_into(buf[:rows], targets[start : start + chunk], buf[:rows], losses[start : start + chunk], n_valid, ignore_index)
         torch.matmul(logits, weight, out=dx[start : start + chunk])
         if single:
             dw = torch.matmul(logits.t(), xc)

@@ -137,3 +137,25 @@ def test_linear_cross_entropy_chunks_are_even(monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 1000 * 4 * 300)  # 300 rows of V = 1000 fp32
     rows = lce.chunk_rows(1001, 1000, 4, cpu)
     assert rows % 16 == 0 and -(-1001 // rows) == 4 and 1001 - 3 * rows > 0.5 * rows
+
+
+def test_fused_head_pads_logit_rows_to_16_columns(monkeypatch):
+    # V = 5003 is not a multiple of 16: the fused head's logits buffer pads its rows (with -inf) so
+    # the cross-entropy kernel runs over whole 16-byte vectors; the padding never reaches the result.
+    from kernels import cross_entropy as ce_mod
+    from kernels import linear_cross_entropy as lce
+
+    strides = []
+    real = ce_mod.ce_fwd_into
+
+    def spy(logits, *args):
+        strides.append((logits.shape[1], logits.stride(0)))
+        return real(logits, *args)
+
+    monkeypatch.setattr(lce, "ce_fwd_into", spy)
+    x, w = torch.randn(37, 16, device=DEV), torch.randn(5003, 16, device=DEV) * 0.3
+    check_op_against_reference(
+        lambda x, w, t: triton_ops.linear_cross_entropy(x, w, t, chunk_size=16), reference.linear_cross_entropy,
+        [x, w, targets_for(37, 5003, [4])], scalar=True,
+    )
+    assert strides and all(v == 5008 and s == 5008 for v, s in strides)
