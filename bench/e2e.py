@@ -44,6 +44,13 @@ def classify_kernel(name: str) -> str:
     return "other"
 
 
+def _compile_mode(compile: bool | str) -> str | None:
+    """None (eager), or the torch.compile mode that ``compile`` (False, True or a mode name) asks for."""
+    if not compile:
+        return None
+    return compile if isinstance(compile, str) else "default"
+
+
 def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: int | None = None, compile: bool | str = False):
     """A training step (forward, backward, clip, AdamW) of a preset's model; ``compile``: False, True
     (torch.compile's default mode) or a mode name from ``train.config.COMPILE_MODES``."""
@@ -51,7 +58,8 @@ def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: 
     b = batch_size or run["batch_size"]
     model = TransformerLM(model_cfg, kernels=kernels).to(device)
     opt = AdamW(model.parameters(), lr=1e-4)
-    fwd = compile_model(model, compile if isinstance(compile, str) else "default") if compile else model
+    mode = _compile_mode(compile)
+    fwd = compile_model(model, mode) if mode else model
     x = torch.randint(0, model_cfg.vocab_size, (b, model_cfg.context_length), device=device)
     y = torch.randint(0, model_cfg.vocab_size, (b, model_cfg.context_length), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -98,7 +106,8 @@ def run_step_benchmark(preset_name: str, kernels: str, device: torch.device, com
                        batch_size: int | None = None, peak_flops: float | None = None,
                        measured_peak_flops: float | None = None, breakdown: bool = True,
                        warmup: int = 25, rep: int = 100) -> dict:
-    label = "" if not compile else ("+compile" if compile is True or compile == "default" else f"+compile:{compile}")
+    mode = _compile_mode(compile)
+    label = "" if mode is None else ("+compile" if mode == "default" else f"+compile:{mode}")
     row = {"kind": "e2e", "preset": preset_name, "backend": kernels + label,
            "dtype": "bf16" if device.type == "cuda" else "fp32"}
     try:

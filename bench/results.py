@@ -55,11 +55,11 @@ def provenance(device: torch.device | str) -> dict:
 
 
 class ResultsWriter:
-    def __init__(self, device: torch.device | str, out_dir: str | Path | None = None, append: bool = False):
+    def __init__(self, device: torch.device | str, out_dir: str | Path | None = None):
         self.meta = provenance(device)
         self.rows: list[dict] = []
         self.out_dir = Path(out_dir or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
-        if append or os.environ.get("BENCH_RESULTS_APPEND") == "1":
+        if os.environ.get("BENCH_RESULTS_APPEND") == "1":
             self._continue_latest()
 
     def _continue_latest(self) -> None:

@@ -35,10 +35,14 @@ def num_programs_hint(device: torch.device) -> int:
     return 8
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is unit-stride (what the kernels index), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """x (..., N) as a 2-D (rows, N) tensor with unit last stride, copying only when it must."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = unit_last_stride(x)
     return x.reshape(-1, x.shape[-1])
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_device, interpreting, pow2_at_least
+from kernels._utils import check_device, interpreting, pow2_at_least, unit_last_stride
 
 LOG2E = 1.4426950408889634
 
@@ -274,9 +274,12 @@ def _attn_bwd_dq_kernel(
 # Head dims of 128 and more get their own lists: there, the 4-warp tiles that suit D <= 64 run out
 # of registers and spill (`python -m kernels.compile_check` prints registers and spilled bytes for
 # each config; every config below is spill-free on sm_90 at D = 32, 64 and 128).
-def _fwd_configs(large_d: bool = False):
-    shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)] if large_d else [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
+def _configs(shapes) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _fwd_configs(large_d: bool = False):
+    return _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)] if large_d else [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)])
 
 
 def _bwd_configs(large_d: bool = False, kernel: str = "dkdv"):
@@ -287,7 +290,7 @@ def _bwd_configs(large_d: bool = False, kernel: str = "dkdv"):
         shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]
     else:
         shapes = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    return _configs(shapes)
 
 
 _KEY = ["T", "D", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
@@ -301,8 +304,12 @@ def _tile_name(cfg) -> str:
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
 
 
+def _block_d(head_dim: int) -> int:
+    return max(16, pow2_at_least(head_dim))
+
+
 def _tuners(head_dim: int):
-    large = max(16, pow2_at_least(head_dim)) >= LARGE_D
+    large = _block_d(head_dim) >= LARGE_D
     return (("fwd", _fwd_tuned[large]), ("bwd_dkdv", _dkdv_tuned[large]), ("bwd_dq", _dq_tuned[large]))
 
 
@@ -338,10 +345,6 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _check(q, k, v):
     check_device(q, k, v)
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -356,7 +359,7 @@ def _check(q, k, v):
 
 def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k, v)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     b, h, t, d = q.shape
     o = torch.empty_like(q)  # keeps q's layout, so a (B, T, H, D) producer gets a (B, T, H, D) output
     lse = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
@@ -364,7 +367,7 @@ def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return o, lse
     sm_scale = 1.0 / math.sqrt(d)
     args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), h, t, d, sm_scale * LOG2E)
-    block_d = max(16, pow2_at_least(d))
+    block_d = _block_d(d)
     if interpreting():
         grid = (triton.cdiv(t, _INTERP_FWD_BLOCKS["BLOCK_M"]), b * h)
         _attn_fwd_kernel[grid](*args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_FWD_BLOCKS)
@@ -375,13 +378,13 @@ def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    do = _unit_last(do)
+    do = unit_last_stride(do)
     b, h, t, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0:
         return dq, dk, dv
     delta = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
-    block_d = max(16, pow2_at_least(d))
+    block_d = _block_d(d)
     _attn_bwd_preprocess_kernel[(triton.cdiv(t, 64), b * h)](
         o, do, delta, *_strides(o), *_strides(do), h, t, d, BLOCK_M=64, BLOCK_D=block_d
     )
@@ -408,7 +411,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 @_attn_fwd_op.register_fake
 def _(q, k, v, causal):
     b, h, t, _ = q.shape
-    return torch.empty_like(_unit_last(q)), q.new_empty((b * h, t), dtype=torch.float32)
+    return torch.empty_like(unit_last_stride(q)), q.new_empty((b * h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::flash_attn_bwd", mutates_args=())

@@ -4,7 +4,8 @@ GPU (Triton ships ptxas), and check each one's shared memory against the device'
 Registers and spilled bytes per thread are printed beside it.
 
 This catches what the CPU interpreter cannot: lowering errors, configs that would not fit one of
-the two architectures the kernels promise to run on, and tiles too large for the register file. Run it without TRITON_INTERPRET.
+the two architectures the kernels promise to run on, and tiles too large for the register file.
+Run it without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ def _run(args):
 
 
 def compile_all(archs=(90, 120), workers: int | None = None) -> list[dict]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from kernels._utils import interpreting
+
+    if interpreting():
         raise RuntimeError("run the compile check without TRITON_INTERPRET (it compiles for real GPUs)")
     jobs = [(c, a) for a in archs for c in _cases()]
     with ProcessPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
