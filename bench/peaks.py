@@ -25,8 +25,9 @@ _TABLE: list[tuple[tuple[str, ...], DevicePeak]] = [
     (("h100", "pcie"), DevicePeak("H100 PCIe", 756.0, 2000.0, "NVIDIA H100 datasheet (PCIe): 1513 TFLOPS bf16 with sparsity, 2.0 TB/s")),
     (("h100", "nvl"), DevicePeak("H100 NVL", 835.0, 3900.0, "NVIDIA H100 datasheet (NVL): 1671 TFLOPS bf16 with sparsity, 3.9 TB/s")),
     (("h100",), DevicePeak("H100 SXM", 989.4, 3350.0, "NVIDIA H100 datasheet (SXM): 1979 TFLOPS bf16 with sparsity, 3.35 TB/s")),
-    (("h200",), DevicePeak("H200", 989.4, 4800.0, "NVIDIA H200 datasheet (SXM): 1979 TFLOPS bf16 with sparsity, 4.8 TB/s")),
+    # "gh200" contains "h200": the more specific entry first (first match wins)
     (("gh200",), DevicePeak("GH200", 989.4, 4000.0, "NVIDIA GH200 datasheet: 1979 TFLOPS bf16 with sparsity, 4 TB/s HBM3")),
+    (("h200",), DevicePeak("H200", 989.4, 4800.0, "NVIDIA H200 datasheet (SXM): 1979 TFLOPS bf16 with sparsity, 4.8 TB/s")),
     (("b200",), DevicePeak("B200", 2250.0, 8000.0, "NVIDIA HGX B200 datasheet: 4.5 PFLOPS bf16 with sparsity per GPU, 8 TB/s")),
     (("a100", "pcie", "40"), DevicePeak("A100 PCIe 40GB", 312.0, 1555.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1555 GB/s")),
     (("a100", "pcie"), DevicePeak("A100 PCIe 80GB", 312.0, 1935.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1935 GB/s")),

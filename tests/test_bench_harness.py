@@ -65,6 +65,8 @@ def test_peak_table_lookup():
     assert lookup_peak("NVIDIA GeForce RTX 5090").bf16_tflops == 209.5
     assert lookup_peak("NVIDIA A100-SXM4-80GB").name == "A100 SXM 80GB"
     assert lookup_peak("NVIDIA B200") and lookup_peak("NVIDIA L40S")
+    assert lookup_peak("NVIDIA GH200 480GB").name == "GH200"  # not the H200 entry its name contains
+    assert lookup_peak("NVIDIA H200").name == "H200"
     assert lookup_peak("Some Unknown GPU") is None
 
 
