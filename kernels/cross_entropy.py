@@ -8,7 +8,8 @@ gradient). The backward scales by the incoming gradient in place, skipped on the
 gradient is 1 (a loss that is the graph's output), so it costs nothing in training.
 Targets equal to ``ignore_index`` add nothing to the loss or the mean's count; if every target is
 ignored the loss is 0 and the gradient is zero (never 0/0). Row offsets are int64: N x V can pass
-2^31 elements.
+2^31 elements. Rows whose starts miss 16-byte boundaries (a width like GPT-2's 50,257) are still
+read and written in 16-byte vectors: see ``row_alignment``.
 """
 
 from __future__ import annotations
@@ -27,32 +28,97 @@ MAX_SINGLE_PASS_V = 32768
 
 
 @triton.jit
+def _grad_of(x, p, m_row, inv_s, target_p, scale):
+    """d loss / d logits of the lanes at positions p: (softmax - onehot) / n_valid."""
+    g = tl.exp(x - m_row) * inv_s
+    return tl.where(p == target_p, g - 1.0, g) * scale
+
+
+@triton.jit
+def _store_edge_group(logits_row, grad_row, q, lead, span, m_row, inv_s, target_p, scale, ZERO: tl.constexpr, ALIGN: tl.constexpr):
+    """The row's elements in the ALIGN-element group at q, if the row covers it only in part: a
+    group the row shares with a neighbour, which the vectorised stores skip (they would overwrite
+    the neighbour's elements), written here one element at a time."""
+    p = q + tl.arange(0, ALIGN)
+    if (q < lead) | (q + ALIGN > span):
+        mine = (p >= lead) & (p < span)
+        if ZERO:
+            g = tl.zeros((ALIGN,), tl.float32)
+        else:
+            x = tl.load(logits_row + p, mask=mine, other=0.0).to(tl.float32)
+            g = _grad_of(x, p, m_row, inv_s, target_p, scale)
+        tl.store(grad_row + p, g.to(grad_row.dtype.element_ty), mask=mine)
+
+
+@triton.jit
+def _store_row_edges(logits_row, grad_row, lead, span, m_row, inv_s, target_p, scale, ZERO: tl.constexpr, ALIGN: tl.constexpr):
+    """The first and the last group of a row (at most 2 x (ALIGN - 1) elements). A row inside one
+    group is done by the first call; the second then looks at the group after it, outside the row."""
+    _store_edge_group(logits_row, grad_row, 0, lead, span, m_row, inv_s, target_p, scale, ZERO, ALIGN)
+    last = tl.maximum((span // ALIGN) * ALIGN, ALIGN)
+    _store_edge_group(logits_row, grad_row, last, lead, span, m_row, inv_s, target_p, scale, ZERO, ALIGN)
+
+
+@triton.jit
 def _ce_fwd_kernel(
     logits_ptr, targets_ptr, grad_ptr, loss_ptr, n_valid_ptr,
     stride_logits, stride_grad,
     V, ignore_index,
-    BLOCK_V: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_V: tl.constexpr, SINGLE_PASS: tl.constexpr, ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_logits
-    grad_row = grad_ptr + row * stride_grad
+    # Positions p below are relative to a row base. ALIGN = 1: the row start (Triton vectorises on
+    # its own when the row stride is a multiple of 16 elements). ALIGN > 1 (16 bytes of elements;
+    # rows of a width like GPT-2's 50,257, whose starts are not 16-byte aligned, and both buffers
+    # sharing the stride): the row start rounded down to a 16-byte boundary, so p = lead + column.
+    # Loads then read whole ALIGN-element groups (the bytes outside the row belong to the
+    # neighbours or lie in the allocation's last 16-byte group, and are masked off in registers);
+    # stores write the groups wholly inside the row as vectors and the two edge groups by element.
+    if ALIGN > 1:
+        row_start = row * stride_logits
+        lead = row_start % ALIGN
+        base = tl.multiple_of(row_start - lead, ALIGN)
+        logits_row = logits_ptr + base
+        grad_row = grad_ptr + base
+    else:
+        lead = 0
+        logits_row = logits_ptr + row * stride_logits
+        grad_row = grad_ptr + row * stride_grad
+    span = lead + V
     target = tl.load(targets_ptr + row).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
     if target == ignore_index:
-        for start in range(0, V, BLOCK_V):
-            tl.store(grad_row + start + cols, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty),
-                     mask=start + cols < V)
+        for start in range(0, span, BLOCK_V):
+            p = start + cols
+            if ALIGN > 1:
+                q = (p // ALIGN) * ALIGN
+                inside = (q >= lead) & (q + ALIGN <= span)
+            else:
+                inside = p < span
+            tl.store(grad_row + p, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=inside)
+        if ALIGN > 1:
+            _store_row_edges(logits_row, grad_row, lead, span, 0.0, 0.0, 0, 0.0, ZERO=True, ALIGN=ALIGN)
         tl.store(loss_ptr + row, 0.0)
     else:
         scale = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
-        x_t = tl.load(logits_row + target).to(tl.float32)
+        target_p = lead + target
+        x_t = tl.load(logits_row + target_p).to(tl.float32)
         if SINGLE_PASS:
             # The whole row fits one block (V <= MAX_SINGLE_PASS_V): read it once, keep it in
             # registers for the max, the sum and the gradient: the minimum traffic, one read and
             # one write of the logits.
-            mask = cols < V
-            # lanes past V: a huge negative fp32 value, set after the cast (in fp16 it would be -inf)
-            x = tl.where(mask, tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32), -3.0e38)
+            p = cols
+            if ALIGN > 1:
+                q = (p // ALIGN) * ALIGN
+                load_mask = q < span
+                store_mask = (q >= lead) & (q + ALIGN <= span)
+            else:
+                load_mask = p < span
+                store_mask = load_mask
+            # lanes outside the row: a huge negative fp32 value, set after the cast (in fp16 it
+            # would be -inf)
+            x = tl.load(logits_row + p, mask=load_mask, other=0.0).to(tl.float32)
+            x = tl.where((p >= lead) & (p < span), x, -3.0e38)
             m_row = tl.max(x, 0)
             e = tl.exp(x - m_row)
             s_row = tl.sum(e, 0)
@@ -60,18 +126,23 @@ def _ce_fwd_kernel(
             tl.store(loss_ptr + row, (m_row - x_t) + tl.log(s_row))
             # softmax as exp(x - m) / s: relative error of a few ulps, unlike exp(x - lse), whose
             # absolute error in lse (~|lse| ulps) would become a relative error of every entry.
-            g = e * (1.0 / s_row)
-            g = tl.where(cols == target, g - 1.0, g) * scale
-            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            inv_s = 1.0 / s_row
+            g = tl.where(p == target_p, e * inv_s - 1.0, e * inv_s) * scale
+            tl.store(grad_row + p, g.to(grad_ptr.dtype.element_ty), mask=store_mask)
         else:
             # Online log-sum-exp over blocks: the running max keeps exp() finite for logits of any
-            # magnitude. Lanes past V hold a huge negative finite value instead of -inf, so no
-            # inf - inf appears; their phantom terms are scaled away by exp(m - m_row) = 0.
+            # magnitude. Lanes outside the row hold a huge negative finite value instead of -inf,
+            # so no inf - inf appears; their phantom terms are scaled away by exp(m - m_row) = 0.
             m = tl.full((BLOCK_V,), -3.0e38, tl.float32)
             s = tl.zeros((BLOCK_V,), tl.float32)
-            for start in range(0, V, BLOCK_V):
-                in_row = start + cols < V
-                x = tl.where(in_row, tl.load(logits_row + start + cols, mask=in_row, other=0.0).to(tl.float32), -3.0e38)
+            for start in range(0, span, BLOCK_V):
+                p = start + cols
+                if ALIGN > 1:
+                    load_mask = (p // ALIGN) * ALIGN < span
+                else:
+                    load_mask = p < span
+                x = tl.load(logits_row + p, mask=load_mask, other=0.0).to(tl.float32)
+                x = tl.where((p >= lead) & (p < span), x, -3.0e38)
                 m_new = tl.maximum(m, x)
                 s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
                 m = m_new
@@ -81,12 +152,20 @@ def _ce_fwd_kernel(
             inv_s = 1.0 / s_row
             # Second sweep: the gradient, possibly over the logits just read (each element is read
             # before it is written, by this program only).
-            for start in range(0, V, BLOCK_V):
-                mask = start + cols < V
-                x = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.exp(x - m_row) * inv_s
-                g = tl.where(start + cols == target, g - 1.0, g) * scale
-                tl.store(grad_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            for start in range(0, span, BLOCK_V):
+                p = start + cols
+                if ALIGN > 1:
+                    q = (p // ALIGN) * ALIGN
+                    load_mask = q < span
+                    store_mask = (q >= lead) & (q + ALIGN <= span)
+                else:
+                    load_mask = p < span
+                    store_mask = load_mask
+                x = tl.load(logits_row + p, mask=load_mask, other=0.0).to(tl.float32)
+                g = _grad_of(x, p, m_row, inv_s, target_p, scale)
+                tl.store(grad_row + p, g.to(grad_ptr.dtype.element_ty), mask=store_mask)
+        if ALIGN > 1:
+            _store_row_edges(logits_row, grad_row, lead, span, m_row, inv_s, target_p, scale, ZERO=False, ALIGN=ALIGN)
 
 
 @triton.jit
@@ -147,12 +226,27 @@ def ce_fwd_into(
         raise ValueError("cross_entropy needs unit stride along the vocabulary")
     if n == 0:
         return
-    single = v <= MAX_SINGLE_PASS_V
-    block_v = pow2_at_least(v) if single else 4096
+    align = row_alignment(logits, grad)
+    span = v + align - 1  # the most positions a row can cover from its rounded-down start
+    single = span <= MAX_SINGLE_PASS_V
+    block_v = pow2_at_least(span) if single else 4096
     _ce_fwd_kernel[(n,)](
         logits, targets, grad, losses, n_valid, logits.stride(0), grad.stride(0), v, ignore_index,
-        BLOCK_V=block_v, SINGLE_PASS=single, num_warps=_warps(block_v),
+        BLOCK_V=block_v, SINGLE_PASS=single, ALIGN=align, num_warps=_warps(block_v),
     )
+
+
+def row_alignment(logits: torch.Tensor, grad: torch.Tensor) -> int:
+    """The kernel's ALIGN: elements per 16 bytes when rows start off 16-byte boundaries (a row
+    stride that is not a multiple of 16 elements, e.g. GPT-2's 50,257) and the kernel can round
+    each row's start down to one: both buffers 16-byte aligned and sharing the row stride. Else 1
+    (Triton vectorises the usual multiple-of-16 strides itself; anything else runs unvectorised)."""
+    stride = logits.stride(0)
+    if logits.shape[0] <= 1 or stride % 16 == 0 or grad.stride(0) != stride:
+        return 1
+    if logits.data_ptr() % 16 or grad.data_ptr() % 16:
+        return 1
+    return 16 // logits.element_size()
 
 
 def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

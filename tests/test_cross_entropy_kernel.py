@@ -98,6 +98,50 @@ def test_linear_cross_entropy_forward_and_grads(n, d, v, chunk):
     )
 
 
+@pytest.mark.parametrize("v", [1, 3, 5, 5003, 33001])  # rows inside one 16-byte group, one-pass rows, two-sweep rows
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rows_off_16_byte_boundaries(v, inplace):
+    # An odd row stride puts each row's start at a different offset within a 16-byte group: the
+    # kernel rounds the start down, loads whole groups, stores whole groups inside the row as
+    # vectors and the shared edge groups element by element. Every offset (fp32: 4 per group) and
+    # ignored rows among them; neighbours' elements must stay untouched.
+    from kernels.cross_entropy import row_alignment
+
+    n = 9
+    logits = torch.randn(n, v, device=DEV) * 4
+    assert row_alignment(logits, logits) == (1 if v % 16 == 0 else 4)
+    t = targets_for(n, v, ignored=[3, 4])
+    b = logits.double().requires_grad_()
+    reference.cross_entropy(b, t).backward()
+    leaf = logits.clone().requires_grad_()
+    work = leaf * 1.0
+    loss = triton_ops.cross_entropy(work, t, inplace=inplace)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), reference.cross_entropy(logits.double(), t), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), b.grad, atol=1e-7, rtol=1e-5)
+    if inplace:
+        assert torch.equal(work.detach(), leaf.grad)
+    else:
+        assert torch.equal(work.detach(), logits)  # the logits were only read
+
+
+def test_rows_the_kernel_cannot_round_down_take_the_plain_path():
+    from kernels.cross_entropy import row_alignment
+
+    wide = torch.randn(5, 5004, device=DEV) * 3
+    leaf = wide.clone().requires_grad_()
+    view = leaf[:, 1:]  # starts one element past a 16-byte boundary, stride 5004; its gradient's is 5003
+    assert row_alignment(view, torch.empty(5, 5003, device=DEV)) == 1 and row_alignment(view, view) == 1
+    t = targets_for(5, 5003, [1])
+    loss = triton_ops.cross_entropy(view, t)
+    loss.backward()
+    b = wide.double().requires_grad_()
+    expect = reference.cross_entropy(b[:, 1:], t)
+    expect.backward()
+    torch.testing.assert_close(loss.double(), expect.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), b.grad, atol=1e-7, rtol=1e-5)
+
+
 def test_linear_cross_entropy_bad_input():
     x, w = torch.randn(4, 8, device=DEV), torch.randn(10, 9, device=DEV)
     with pytest.raises(ValueError):
