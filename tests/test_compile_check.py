@@ -50,6 +50,10 @@ def test_every_kernel_compiles_and_fits_hopper_and_rtx5090():
     narrow = [f"{x['arch']} {x['kernel']} {x['config']}: {x['load_bits']}-bit" for x in rows
               if x["dtype"] == "bf16" and x.get("load_bits", 128) < 64]
     assert not narrow, "narrow global loads:\n" + "\n".join(narrow)
+    fp32_out = {"_attn_bwd_preprocess_kernel"}  # writes only rowsum(dO * O) in fp32
+    narrow = [f"{x['arch']} {x['kernel']} {x['config']}: {x['store_bits']}-bit" for x in rows
+              if x["dtype"] == "bf16" and x["kernel"] not in fp32_out and x.get("store_bits", 128) < 64]
+    assert not narrow, "narrow global stores:\n" + "\n".join(narrow)
     # The cross-entropy kernel's widest load would be its int64 target even if the logits were read
     # element by element, so its rows are held to 16-byte loads and stores of the logits and the
     # gradient, rows off 16-byte boundaries (GPT-2's vocabulary) included.
