@@ -170,6 +170,18 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
             "linear_cross_entropy", f"N{n} d{d} V{v}",
             lambda dev, dt: [rq(n, d, dtype=dt), rq(v, d, dtype=dt, scale=0.02), torch.randint(0, v, (n,), device=dev)],
             b, lambda mode, e: {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * n * d * v, "TFLOP/s"))
+    # Last (a time-limited run measures the ops above first): the residual add fused into the norm
+    # after it, as in the model's pre-norm blocks. Reads x and r, writes h and y; the backward reads
+    # dy, dh and h and writes dx.
+    for label, s in presets.items():
+        b = {"torch": reference.add_rms_norm, "compile": _compiled(reference.add_rms_norm)}
+        if triton_ops:
+            b["ours"] = triton_ops.add_rms_norm
+        rows = s["B"] * s["T"]
+        cases.append(Case(
+            "add_rms_norm", f"{label} {rows}x{s['d']}",
+            lambda dev, dt, rows=rows, n=s["d"]: [rq(rows, n, dtype=dt), rq(rows, n, dtype=dt), rq(n, dtype=dt), 1e-5],
+            b, lambda mode, e, n=rows * s["d"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * n * e, "GB/s"))
     return cases
 
 

@@ -5,6 +5,8 @@ namespace. Both backends expose the same functions with the same signatures:
 
 - ``rms_norm(x, weight, eps, out_dtype=None)``: RMSNorm over the last dim (fp32 math, input dtype
   out unless ``out_dtype`` says otherwise).
+- ``add_rms_norm(x, r, weight, eps, out_dtype=None) -> (h, y)``: a residual add and the norm after
+  it, h = x + r and y = rms_norm(h) (one pass on triton).
 - ``rope(x, token_positions, theta)``: rotate adjacent pairs of x (..., T, D).
 - ``rope_qk(q, k, token_positions, theta) -> (q, k)``: both of a layer's rotations (one launch on triton).
 - ``attention(q, k, v, causal=True)``: q, k, v (B, H, T, D).
@@ -30,6 +32,7 @@ BACKENDS = ("torch", "triton")
 class Ops:
     name: str
     rms_norm: Callable
+    add_rms_norm: Callable
     rope: Callable
     rope_qk: Callable
     attention: Callable
@@ -45,6 +48,7 @@ def _rope_qk_reference(q, k, token_positions, theta):
 _TORCH_OPS = Ops(
     name="torch",
     rms_norm=reference.rms_norm,
+    add_rms_norm=reference.add_rms_norm,
     rope=reference.rope,
     rope_qk=_rope_qk_reference,
     attention=reference.attention,
@@ -67,13 +71,14 @@ def _build_triton_ops() -> Ops:
     from kernels.attention import attention
     from kernels.cross_entropy import cross_entropy
     from kernels.linear_cross_entropy import linear_cross_entropy
-    from kernels.rms_norm import rms_norm
+    from kernels.rms_norm import add_rms_norm, rms_norm
     from kernels.rope import rope, rope_qk
     from kernels.swiglu import swiglu
 
     return Ops(
         name="triton",
         rms_norm=rms_norm,
+        add_rms_norm=add_rms_norm,
         rope=rope,
         rope_qk=rope_qk,
         attention=attention,

@@ -43,8 +43,15 @@ def _cases() -> list[dict]:
     cases = []
     for n in (512, 4096, 16384):
         block_n, rows, warps = rms_norm._launch_params(n)
-        for k in ("_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel"):
-            cases.append(dict(module="rms_norm", kernel=k, constexprs={"ROWS": rows, "BLOCK_N": block_n}, num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n}"))
+        cases.append(dict(module="rms_norm", kernel="_rmsnorm_fwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_RES": False},
+                          num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n}"))
+        cases.append(dict(module="rms_norm", kernel="_rmsnorm_bwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": False, "HAS_DR": False},
+                          num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n}"))
+        if n <= 4096:  # the fused residual add, at model widths
+            cases.append(dict(module="rms_norm", kernel="_rmsnorm_fwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_RES": True},
+                              num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n} + residual"))
+            cases.append(dict(module="rms_norm", kernel="_rmsnorm_bwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": True, "HAS_DR": True},
+                              num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n} + residual"))
     for d in (32, 128):
         block_h = d // 2
         block_r = max(1, min(64, 2048 // d))

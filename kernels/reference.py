@@ -49,6 +49,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype
     return (xf * rstd * weight.to(cdt)).to(out_dtype or x.dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the norm after it: (h, rms_norm(h)) with h = x + r."""
+    h = x + r
+    return h, rms_norm(h, weight, eps, out_dtype)
+
+
 def rope_angles(token_positions: torch.Tensor, d: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
     """Angles (..., d/2): position p times theta^(-2i/d) for pair i."""
     exponent = torch.arange(0, d, 2, device=token_positions.device, dtype=torch.float64) / d

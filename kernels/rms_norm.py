@@ -19,10 +19,10 @@ MAX_FUSED_WIDTH = 65536  # a whole row lives in registers; wider rows would spil
 
 @triton.jit
 def _rmsnorm_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr,
-    stride_x, stride_y,
+    x_ptr, r_ptr, h_ptr, w_ptr, y_ptr, rstd_ptr,
+    stride_x, stride_r, stride_h, stride_y,
     M, N, eps,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # int64 row indices: rows * stride can pass 2^31 for large activations.
@@ -33,6 +33,12 @@ def _rmsnorm_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     # Sums of squares in fp32 whatever the input dtype: bf16 would lose the small terms.
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        # h = x + r, stored (the residual stream goes on) and normalised as stored, rounding included.
+        r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
     y = x * rstd[:, None] * w[None, :]
@@ -42,10 +48,10 @@ def _rmsnorm_fwd_kernel(
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-    stride_dy, stride_x, stride_dx,
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, dres_ptr, dr_ptr,
+    stride_dy, stride_x, stride_dx, stride_dres, stride_dr,
     M, N,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
@@ -66,7 +72,11 @@ def _rmsnorm_bwd_kernel(
         g = dy * w[None, :]
         c = tl.sum(g * x_hat, axis=1) / N
         dx = (g - x_hat * c[:, None]) * rstd[:, None]
+        if HAS_DRES:  # the residual stream's own gradient joins here, not in a separate add
+            dx += tl.load(dres_ptr + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_DR:  # the same gradient in the added branch's dtype (bf16 under autocast)
+            tl.store(dr_ptr + rows[:, None] * stride_dr + cols[None, :], dx.to(dr_ptr.dtype.element_ty), mask=mask)
         dw_acc += tl.sum(dy * x_hat, axis=0)
     tl.store(dw_partial_ptr + pid.to(tl.int64) * N + cols, dw_acc, mask=col_mask)
 
@@ -81,44 +91,77 @@ def _launch_params(n: int) -> tuple[int, int, int]:
     return block_n, rows, num_warps
 
 
+def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim {n}")
+
+
+def _fwd(x, r, weight, eps, out_dtype):
+    x2 = rows_view(x)
+    m, n = x2.shape
+    y = torch.empty((m, n), dtype=out_dtype or (x.dtype if r is None else torch.promote_types(x.dtype, r.dtype)), device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if r is None:
+        r2 = h = x2  # unused (HAS_RES=False)
+    else:
+        r2 = rows_view(r)
+        h = torch.empty((m, n), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
+    if m:
+        block_n, rows, warps = _launch_params(n)
+        _rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
+            x2, r2, h, weight, y, rstd, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0), m, n, eps,
+            ROWS=rows, BLOCK_N=block_n, HAS_RES=r is not None, num_warps=warps,
+        )
+    return h, y, rstd
+
+
 def rmsnorm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., N), weight (N,) -> y (x's shape, x's dtype or ``out_dtype``), rstd (rows,) fp32."""
     check_device(x, weight)
-    n = x.shape[-1]
-    if weight.shape != (n,):
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim {n}")
-    x2 = rows_view(x)
-    m = x2.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
-    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m:
-        block_n, rows, warps = _launch_params(n)
-        _rmsnorm_fwd_kernel[(triton.cdiv(m, rows),)](
-            x2, weight, y, rstd, x2.stride(0), y.stride(0), m, n, eps,
-            ROWS=rows, BLOCK_N=block_n, num_warps=warps,
-        )
+    _check_weight(x, weight)
+    _, y, rstd = _fwd(x, None, weight, eps, out_dtype)
     return y.view(x.shape), rstd
 
 
-def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> dx (like x), dweight (like weight)."""
+def add_rmsnorm_fwd(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = x + r (the promoted dtype) and y = RMSNorm(h) in one pass -> h, y, rstd."""
+    check_device(x, r, weight)
+    _check_weight(x, weight)
+    if r.shape != x.shape:
+        raise ValueError(f"the residual branch's shape {tuple(r.shape)} must equal the stream's {tuple(x.shape)}")
+    h, y, rstd = _fwd(x, r, weight, eps, out_dtype)
+    return h.view(x.shape), y.view(x.shape), rstd
+
+
+def rmsnorm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    dres: torch.Tensor | None = None, r_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> dx (like x), dweight (like weight), and dr: dx again in ``r_dtype`` (None without one).
+    ``dres``: a gradient reaching x by another path (the residual stream's), added into dx."""
     n = x.shape[-1]
     x2, dy2 = rows_view(x), rows_view(dy)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dres2 = x2 if dres is None else rows_view(dres)
+    dr = dx if r_dtype is None else torch.empty((m, n), dtype=r_dtype, device=x.device)
     block_n, rows, warps = _launch_params(n)
     progs = max(1, min(num_programs_hint(x.device), triton.cdiv(m, rows)))
     partial = torch.empty((progs, n), dtype=torch.float32, device=x.device)
     if m:
         _rmsnorm_bwd_kernel[(progs,)](
-            dy2, x2, weight, rstd, dx, partial, dy2.stride(0), x2.stride(0), dx.stride(0), m, n,
-            ROWS=rows, BLOCK_N=block_n, num_warps=warps,
+            dy2, x2, weight, rstd, dx, partial, dres2, dr,
+            dy2.stride(0), x2.stride(0), dx.stride(0), dres2.stride(0), dr.stride(0), m, n,
+            ROWS=rows, BLOCK_N=block_n, HAS_DRES=dres is not None, HAS_DR=r_dtype is not None, num_warps=warps,
         )
     else:
         partial.zero_()
-    return dx.view(x.shape), partial.sum(0).to(weight.dtype)
+    return dx.view(x.shape), partial.sum(0).to(weight.dtype), None if r_dtype is None else dr.view(x.shape)
 
 
 # --- registration: opaque named ops for torch.compile, the profiler and FlopCounterMode ----------
@@ -139,12 +182,39 @@ def _(x, weight, eps, out_dtype):
 def _rms_norm_bwd_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return rmsnorm_bwd(dy, x, weight, rstd)
+    return rmsnorm_bwd(dy, x, weight, rstd)[:2]
 
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, weight, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("fastlm::add_rms_norm_fwd", mutates_args=())
+def _add_rms_norm_fwd_op(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_rmsnorm_fwd(x, r, weight, eps, out_dtype)
+
+
+@_add_rms_norm_fwd_op.register_fake
+def _(x, r, weight, eps, out_dtype):
+    h_dtype = torch.promote_types(x.dtype, r.dtype)
+    return x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=out_dtype or h_dtype), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::add_rms_norm_bwd", mutates_args=())
+def _add_rms_norm_bwd_op(
+    dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, r_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, dr = rmsnorm_bwd(dy, h, weight, rstd, dh, r_dtype)
+    # No r_dtype: r's gradient is dx itself; an op's outputs may not alias, so an empty placeholder.
+    return dx, dw, h.new_empty(0) if dr is None else dr
+
+
+@_add_rms_norm_bwd_op.register_fake
+def _(dy, dh, h, weight, rstd, r_dtype):
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), h.new_empty(0) if r_dtype is None else h.new_empty(h.shape, dtype=r_dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -169,3 +239,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype
     instead of each matmul casting it again (autocast caches casts of weights, not activations).
     """
     return RMSNormFunction.apply(x, weight, eps, out_dtype)
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, weight, eps, out_dtype):
+        h, y, rstd = _add_rms_norm_fwd_op(x, r, weight, eps, out_dtype)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.r_dtype = r.dtype
+        ctx.set_materialize_grads(False)  # no zeros tensor for an unused h or y
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        # dh: the residual stream's gradient (h also feeds the next add); dy: the norm output's.
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            return dh, dh, None, None, None
+        own = ctx.r_dtype != h.dtype  # a bf16 branch on an fp32 stream: its copy written in the same pass
+        dx, dw, dr = _add_rms_norm_bwd_op(dy, dh, h, weight, rstd, ctx.r_dtype if own else None)
+        return dx, dr if own else dx, dw, None, None
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm in one pass: ``h = x + r`` (promoted dtype: the fp32
+    stream plus a bf16 branch under autocast stays fp32) and ``rms_norm(h, weight, eps, out_dtype)``.
+    Returns (h, y). Reads x and r once and writes h and y, where separately the norm would read h
+    again; the backward adds the stream's gradient into dx and writes the branch's copy in its own
+    dtype in the same pass (no separate add and cast)."""
+    return AddRMSNormFunction.apply(x, r, weight, eps, out_dtype)

@@ -67,10 +67,16 @@ class RMSNorm(nn.Module):
         self.feeds_matmul = feeds_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = None
+        return self.ops.rms_norm(x, self.weight, self.eps, self._out_dtype(x))
+
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         if self.feeds_matmul and torch.is_autocast_enabled(x.device.type):
-            out_dtype = torch.get_autocast_dtype(x.device.type)
-        return self.ops.rms_norm(x, self.weight, self.eps, out_dtype)
+            return torch.get_autocast_dtype(x.device.type)
+        return None
+
+    def add_and_norm(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, self(h)) with h = x + r: the residual add before this norm, fused with it on triton."""
+        return self.ops.add_rms_norm(x, r, self.weight, self.eps, self._out_dtype(x))
 
 
 class SwiGLU(nn.Module):
@@ -204,9 +210,14 @@ class Identity(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def add_and_norm(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + r
+        return h, h
+
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.)); ablations switch norm and FFN kinds."""
+    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.)); ablations switch norm and FFN kinds.
+    Each residual add runs fused with the norm that follows it (see ``defer_add``)."""
 
     def __init__(
         self,
@@ -243,10 +254,24 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"unknown ffn kind {ffn!r}; known: swiglu, silu")
 
     def forward(
-        self, x: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: LayerKVCache | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: LayerKVCache | None = None,
+        *, pending: torch.Tensor | None = None, defer_add: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The block's output for input x (plus ``pending``, when given).
+
+        ``defer_add`` (pre-norm only) returns (h, f), the output being h + f: each residual add is
+        left to the norm that reads its sum (``add_and_norm``, one pass on triton), so the model
+        hands f to the next block as ``pending`` (its ln1 adds it) or to the final norm. Through
+        ``forward``, not a method beside it, so that wrappers' hooks (FSDP2's all-gathers) run."""
         if self.post_norm:
+            if pending is not None or defer_add:
+                raise ValueError("a post-norm block ends in its norm: nothing to defer")
             x = self.ln1(x + self.attn(x, token_positions, kv_cache))
             return self.ln2(x + self.ffn(x))
-        x = x + self.attn(self.ln1(x), token_positions, kv_cache)
-        return x + self.ffn(self.ln2(x))
+        if pending is None:
+            normed = self.ln1(x)
+        else:
+            x, normed = self.ln1.add_and_norm(x, pending)
+        x, normed = self.ln2.add_and_norm(x, self.attn(normed, token_positions, kv_cache))
+        f = self.ffn(normed)
+        return (x, f) if defer_add else x + f

@@ -82,9 +82,17 @@ class TransformerLM(nn.Module):
                 f"{kv_cache[0].length} cached + {token_ids.shape[-1]} new tokens exceed context_length {self.config.context_length}"
             )
         x = self.token_embeddings(token_ids)
+        if self.config.post_norm:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None)
+            return self.ln_final(x)
+        # Pre-norm: each block's last residual add is done by the next norm (fused on triton).
+        pending = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None)
-        return self.ln_final(x)
+            x, pending = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None, pending=pending, defer_add=True)
+        if pending is None:  # no layers
+            return self.ln_final(x)
+        return self.ln_final.add_and_norm(x, pending)[1]
 
     def forward(
         self,

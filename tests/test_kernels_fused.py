@@ -64,6 +64,55 @@ def test_rms_norm_rejects_too_wide_rows():
         triton_ops.rms_norm(randn(1, 65537), randn(65537), 1e-5)
 
 
+def _add_norm(ops, uses):
+    # Both outputs used (the stream's gradient joins the norm's), or one of them.
+    def fn(x, r, w):
+        h, y = ops.add_rms_norm(x, r, w, 1e-5)
+        return {"both": lambda: torch.stack([h, y]), "y": lambda: y, "h": lambda: h}[uses]()
+    return fn
+
+
+@pytest.mark.parametrize("uses", ["both", "y"])
+@pytest.mark.parametrize("shape", [(1, 3), (3, 5, 37), (130, 512)])
+def test_add_rms_norm_forward_and_grads(shape, uses):
+    x, r, w = randn(*shape), randn(*shape), randn(shape[-1]) + 1.0
+    check_op_against_reference(_add_norm(triton_ops, uses), _add_norm(get_ops("torch"), uses), [x, r, w])
+
+
+def test_add_rms_norm_with_only_the_stream_used():
+    x, r, w = randn(5, 24).requires_grad_(), randn(5, 24).requires_grad_(), randn(24).requires_grad_()
+    dh = randn(5, 24)
+    triton_ops.add_rms_norm(x, r, w, 1e-5)[0].backward(dh)
+    assert torch.equal(x.grad, dh) and torch.equal(r.grad, dh) and w.grad is None
+
+
+@pytest.mark.parametrize("branch", [torch.bfloat16, torch.float16])
+def test_add_rms_norm_fp32_stream_low_precision_branch(branch):
+    # The autocast case: fp32 stream x, a bf16 projection output r, the norm's output for the next
+    # matmuls in bf16. h stays fp32; r's gradient comes back in r's dtype, written by the kernel.
+    x, w = randn(37, 130), randn(130) + 1.0
+    r = randn(37, 130).to(branch)
+    xl, rl, wl = x.clone().requires_grad_(), r.clone().requires_grad_(), w.clone().requires_grad_()
+    h, y = triton_ops.add_rms_norm(xl, rl, wl, 1e-5, branch)
+    assert h.dtype == torch.float32 and y.dtype == branch
+    dh, dy = randn(37, 130), randn(37, 130).to(branch)
+    torch.autograd.backward([h, y], [dh, dy])
+    assert xl.grad.dtype == torch.float32 and rl.grad.dtype == branch and wl.grad.dtype == torch.float32
+    xr, rr, wr = x.double().requires_grad_(), r.double().requires_grad_(), w.double().requires_grad_()
+    hr, yr = reference.add_rms_norm(xr, rr, wr, 1e-5)
+    torch.autograd.backward([hr, yr], [dh.double(), dy.double()])
+    assert max_err(h, hr) < 1e-6 * hr.abs().max().item()
+    assert max_err(y, yr) <= yr.abs().max().item() * 2**-7
+    assert max_err(xl.grad, xr.grad) < 1e-5 * xr.grad.abs().max().item() + 1e-6
+    assert max_err(rl.grad, rr.grad) <= rr.grad.abs().max().item() * 2**-7  # one rounding to the branch's dtype
+    assert max_err(wl.grad, wr.grad) < 1e-5 * wr.grad.abs().max().item() + 1e-6
+
+
+def test_add_rms_norm_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="residual"):
+        triton_ops.add_rms_norm(randn(4, 8), randn(1, 8), randn(8), 1e-5)
+
+
 @pytest.mark.parametrize(
     "x_shape,pos_shape",
     [((7, 10), (7,)), ((2, 5, 3, 6), (2, 5, 1)), ((2, 3, 9, 64), (9,)), ((1, 13, 4, 48), (1, 13, 1)), ((3, 1, 2), (3, 1))],
@@ -113,7 +162,7 @@ def test_swiglu_non_contiguous_inputs():
 
 
 def test_ops_register_named_custom_ops():
-    for name in ("rms_norm_fwd", "rms_norm_bwd", "rope", "rope_qk", "swiglu_fwd", "swiglu_bwd"):
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd", "rope", "rope_qk", "swiglu_fwd", "swiglu_bwd"):
         assert hasattr(torch.ops.fastlm, name)
 
 
@@ -122,6 +171,7 @@ def test_ops_register_named_custom_ops():
 def test_low_precision_on_gpu(dtype):
     x, w = randn(4096, 1024), randn(1024) + 1
     check_op_against_reference(triton_ops.rms_norm, reference.rms_norm, [x, w, 1e-5], dtype=dtype)
+    check_op_against_reference(_add_norm(triton_ops, "both"), _add_norm(get_ops("torch"), "both"), [x, randn(4096, 1024), w], dtype=dtype)
     pos = torch.randint(0, 4096, (8, 256, 1), device=DEV)
     check_op_against_reference(triton_ops.rope, reference.rope, [randn(8, 256, 16, 64), pos, 10000.0], dtype=dtype)
     check_op_against_reference(triton_ops.swiglu, reference.swiglu, [randn(8192, 1344), randn(8192, 1344)], dtype=dtype)

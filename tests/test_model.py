@@ -180,6 +180,30 @@ def test_ablations_build_and_run(ablation):
     assert all(p.grad is not None for p in m.parameters())
 
 
+@pytest.mark.parametrize("ablation", [{}, dict(use_rmsnorm=False)])
+def test_blocks_with_deferred_adds_equal_the_plain_stack(ablation):
+    # The model hands each block's last residual add to the next norm; the result must be the
+    # plain x -> block(x) -> ... -> ln_final stack's, bit for bit on the torch backend.
+    torch.manual_seed(0)
+    m = TransformerLM(tiny_config(num_layers=3, **ablation))
+    x = torch.randint(0, 61, (2, 8))
+    h = m.token_embeddings(x)
+    for layer in m.layers:
+        h = layer(h)
+    assert torch.equal(m.hidden_states(x), m.ln_final(h))
+    block = m.layers[0]
+    e = m.token_embeddings(x)
+    out, f = block(e, defer_add=True)
+    assert torch.equal(out + f, block(e))
+    assert torch.equal(block(e, pending=f), block(e + f))
+
+
+def test_post_norm_blocks_refuse_deferred_adds():
+    block = TransformerLM(tiny_config(post_norm=True)).layers[0]
+    with pytest.raises(ValueError, match="post-norm"):
+        block(torch.randn(1, 4, 32), defer_add=True)
+
+
 def test_causality_future_tokens_do_not_change_past_logits():
     torch.manual_seed(0)
     m = TransformerLM(tiny_config())

@@ -48,6 +48,29 @@ def test_triton_and_torch_backends_train_to_the_same_losses(ablation):
     torch.testing.assert_close(fused(x), ref(x), atol=1e-4, rtol=1e-4)
 
 
+def test_residual_adds_run_inside_the_norms():
+    # Pre-norm, 2 layers: layer 1's ln1 norms the embeddings alone; every other norm (ln2 twice,
+    # layer 2's ln1, ln_final) takes the residual add before it into its own pass.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    m = TransformerLM(tiny(), kernels="triton").to(DEV)
+    x = torch.randint(0, 101, (2, 24), device=DEV)
+    with Record():
+        loss = m.loss(x, x)
+    assert "aten::add.Tensor" not in calls  # no residual add left outside the norms
+    with Record():
+        loss.backward()
+    count = {n: calls.count(f"fastlm::{n}") for n in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd")}
+    assert count == {"rms_norm_fwd": 1, "rms_norm_bwd": 1, "add_rms_norm_fwd": 4, "add_rms_norm_bwd": 4}
+
+
 def test_torch_compile_fullgraph_has_no_graph_breaks():
     # fullgraph=True raises on any graph break: the fused ops must appear as single custom-op nodes.
     cfg = tiny(vocab_size=64, context_length=16, num_layers=1)
