@@ -175,9 +175,9 @@ def test_linear_cross_entropy_chunks_are_even(monkeypatch):
     from kernels import linear_cross_entropy as lce
 
     cpu = torch.device("cpu")
-    # TinyStories' head in bf16: 16384 x 10000 logits are 328 MB, over the 256 MB budget: two even chunks.
-    assert lce.chunk_rows(16384, 10000, 2, cpu) == 8192
-    assert lce.chunk_rows(100, 10000, 2, cpu) == 100  # fits in one
+    # GPT-2's head in bf16: 16384 x 50257 logits are 1.65 GB, over the 1 GiB budget: two even chunks.
+    assert lce.chunk_rows(16384, 50257, 2, cpu) == 8192
+    assert lce.chunk_rows(16384, 10000, 2, cpu) == 16384  # TinyStories' 328 MB: one
     monkeypatch.setattr(lce, "CHUNK_BYTES", 1000 * 4 * 300)  # 300 rows of V = 1000 fp32
     rows = lce.chunk_rows(1001, 1000, 4, cpu)
     assert rows % 16 == 0 and -(-1001 // rows) == 4 and 1001 - 3 * rows > 0.5 * rows
