@@ -25,7 +25,7 @@ _PATTERNS = [
     ("rope", ("_rope",)),
     ("swiglu", ("_swiglu",)),
     ("loss", ("_ce_fwd", "cross_entropy", "nll_loss", "log_softmax")),
-    ("optimizer", ("multi_tensor", "foreach", "lerp", "addcmul", "addcdiv", "_amp_")),
+    ("optimizer", ("multi_tensor", "foreach", "lerp", "addcmul", "addcdiv", "_amp_", "_adamw")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "hopper", "matmul", "wgmma")),
 ]
 
@@ -57,7 +57,7 @@ def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: 
     model_cfg, run = preset(preset_name)
     b = batch_size or run["batch_size"]
     model = TransformerLM(model_cfg, kernels=kernels).to(device)
-    opt = AdamW(model.parameters(), lr=1e-4)
+    opt = AdamW(model.parameters(), lr=1e-4, fused=kernels == "triton")
     mode = _compile_mode(compile)
     fwd = compile_model(model, mode) if mode else model
     x = torch.randint(0, model_cfg.vocab_size, (b, model_cfg.context_length), device=device)

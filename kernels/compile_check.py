@@ -25,8 +25,9 @@ SHARED_LIMIT = {90: 232_448, 120: 101_376}
 ARCH_NAME = {90: "sm_90 (H100/H200)", 120: "sm_120 (RTX 5090)"}
 
 FP32_PTRS = {"rstd_ptr", "dw_partial_ptr", "LSE", "DELTA", "loss_ptr", "n_valid_ptr", "inv_freq_ptr", "scale_ptr"}
-I64_PTRS = {"pos_ptr", "targets_ptr"}
-FLOAT_SCALARS = {"eps", "qk_scale", "sm_scale"}
+I64_PTRS = {"pos_ptr", "targets_ptr", "offset_ptr", "numel_ptr"}
+I32_PTRS = {"work_ptr"}
+FLOAT_SCALARS = {"eps", "qk_scale", "sm_scale", "decay", "alpha", "beta1", "beta2"}
 # Integer arguments compiled as multiples of 16, as Triton's JIT specializes them when they are (it
 # does so for every pointer and int argument): strides and sizes are at the presets' shapes
 # (widths 512..4096, d_ff 1344, T 256 and 1024, head dim 32..128), and the cross-entropy kernel's
@@ -85,8 +86,17 @@ def _cases() -> list[dict]:
         cases.append(dict(module="cross_entropy", kernel="_ce_fwd_kernel", constexprs={"BLOCK_V": block, "SINGLE_PASS": single, "ALIGN": align},
                           num_warps=cross_entropy._warps(block), num_stages=2, dtype=dtype, plain_ints={"V", "stride_logits", "stride_grad"},
                           label=f"single_pass={single} BLOCK_V={block} odd V, ALIGN={align}"))
+    from kernels import adamw
+
+    for p_ty, g_ty in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")):
+        cases.append(dict(module="adamw", kernel="_adamw_kernel", constexprs={"ALIGN_P": 16 // _BYTES[p_ty], "ALIGN_G": 16 // _BYTES[g_ty], "BLOCK": adamw.BLOCK},
+                          num_warps=4, num_stages=2, dtype=p_ty, ptr_dtypes={"p_base": p_ty, "g_base": g_ty, "m_base": "fp32", "v_base": "fp32"},
+                          label=f"params {p_ty}, grads {g_ty}"))
     cases.append(dict(module="cross_entropy", kernel="_scale_unless_one_kernel", constexprs={"BLOCK": 4096}, num_warps=8, num_stages=2, dtype="bf16", label=""))
     return cases
+
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _signature(fn, dtype: str, module: str) -> dict:
@@ -96,7 +106,7 @@ def _signature(fn, dtype: str, module: str) -> dict:
         if p.is_constexpr:
             sig[n] = "constexpr"
         elif n.endswith("_ptr") or (module == "attention" and n in ATTENTION_PTRS):
-            sig[n] = "*fp32" if n in FP32_PTRS else ("*i64" if n in I64_PTRS else f"*{dtype}")
+            sig[n] = "*fp32" if n in FP32_PTRS else ("*i64" if n in I64_PTRS else "*i32" if n in I32_PTRS else f"*{dtype}")
         elif n in FLOAT_SCALARS:
             sig[n] = "fp32"
         else:
@@ -143,6 +153,7 @@ def compile_one(case: dict, arch: int) -> dict:
     t0 = time.perf_counter()
     try:
         sig = _signature(fn, case["dtype"], case["module"])
+        sig.update({k: f"*{v}" for k, v in case.get("ptr_dtypes", {}).items()})
         plain = case.get("plain_ints", set())
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
                  if p.name not in plain and (sig[p.name].startswith("*") or p.name.startswith("stride") or p.name in DIVISIBLE_INTS)}

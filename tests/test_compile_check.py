@@ -33,7 +33,7 @@ def test_every_kernel_compiles_and_fits_hopper_and_rtx5090():
     assert not bad, "\n".join(bad)
     assert {x["arch"] for x in rows} == {90, 120}
     kernels = {x["kernel"] for x in rows}
-    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_rmsnorm_bwd_kernel", "_rope_kernel", "_ce_fwd_kernel"} <= kernels
+    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_rmsnorm_bwd_kernel", "_rope_kernel", "_ce_fwd_kernel", "_adamw_kernel"} <= kernels
     assert r.returncode == 0
     # Register spills (stack bytes read from the cubins with Triton's cuobjdump): the bf16 attention
     # configs the autotuner chooses among on Hopper were picked per head dim to keep their tiles in

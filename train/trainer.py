@@ -186,7 +186,9 @@ class Trainer:
             self.raw_model.load_state_dict(state["model"])
         self.model = wrap_model(self.raw_model, self.dist, self.device, r.fsdp)
         # The optimizer is built on the wrapped model's parameters (FSDP2 swaps in sharded ones).
-        self.optimizer = AdamW(self.model.parameters(), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps, weight_decay=r.weight_decay)
+        # --kernels triton: the fused AdamW kernel too (it falls back to foreach for FSDP2's shards).
+        self.optimizer = AdamW(self.model.parameters(), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps, weight_decay=r.weight_decay,
+                               fused=r.kernels == "triton")
         if state is not None:
             self._restore(state)
         self.forward = compile_model(self.model, r.compile_mode) if r.compile else self.model
