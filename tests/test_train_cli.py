@@ -2,6 +2,7 @@
 
 import http.server
 import json
+import math
 import os
 import signal
 import subprocess
@@ -126,6 +127,24 @@ def test_triton_without_gpu_points_to_torch(tmp_path, token_file, capsys, monkey
                        "--train-data", str(token_file), "--out-dir", str(tmp_path)])
     assert code == 1
     assert "--kernels torch" in capsys.readouterr().err
+
+
+def test_triton_kernels_train_with_the_fused_optimizer(tmp_path, token_file, monkeypatch):
+    # Through Triton's interpreter on the CPU: the model's kernels and the fused AdamW step.
+    from kernels import adamw
+
+    calls = []
+    real = adamw.adamw_step_
+    monkeypatch.setattr(adamw, "adamw_step_", lambda *a, **kw: (calls.append(kw["step"]), real(*a, **kw))[1])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    code = train_main(["--preset", "smoke", "--kernels", "triton", "--device", "cpu", "--quiet",
+                       "--train-data", str(token_file), "--out-dir", str(tmp_path), "--run-name", "tri",
+                       "--max-steps", "2", "--batch-size", "2", "--context-length", "32", "--eval-interval", "100",
+                       "--sample-tokens", "0", "--log-interval", "1"])
+    assert code == 0
+    assert calls == [1, 2]  # one fused call a step: every parameter at the same step count
+    losses = [r["train_loss"] for r in metrics(tmp_path / "tri") if "train_loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
 def test_no_data_error_says_what_to_pass(tmp_path, capsys):
