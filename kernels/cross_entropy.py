@@ -60,6 +60,19 @@ def _store_row_edges(logits_row, grad_row, lead, span, m_row, inv_s, target_p, s
 
 
 @triton.jit
+def _row_masks(p, lead, span, ALIGN: tl.constexpr):
+    """For positions p from the row base: (load, store, in_row). With ALIGN > 1 loads take whole
+    ALIGN-element groups that touch the row, stores the groups wholly inside it (both constant
+    over a group, so they vectorise); in_row marks the row's own lanes."""
+    in_row = (p >= lead) & (p < span)
+    if ALIGN > 1:
+        q = (p // ALIGN) * ALIGN
+        return q < span, (q >= lead) & (q + ALIGN <= span), in_row
+    else:
+        return p < span, p < span, in_row
+
+
+@triton.jit
 def _ce_fwd_kernel(
     logits_ptr, targets_ptr, grad_ptr, loss_ptr, n_valid_ptr,
     stride_logits, stride_grad,
@@ -90,12 +103,8 @@ def _ce_fwd_kernel(
     if target == ignore_index:
         for start in range(0, span, BLOCK_V):
             p = start + cols
-            if ALIGN > 1:
-                q = (p // ALIGN) * ALIGN
-                inside = (q >= lead) & (q + ALIGN <= span)
-            else:
-                inside = p < span
-            tl.store(grad_row + p, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=inside)
+            _, store_mask, _ = _row_masks(p, lead, span, ALIGN)
+            tl.store(grad_row + p, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty), mask=store_mask)
         if ALIGN > 1:
             _store_row_edges(logits_row, grad_row, lead, span, 0.0, 0.0, 0, 0.0, ZERO=True, ALIGN=ALIGN)
         tl.store(loss_ptr + row, 0.0)
@@ -108,17 +117,11 @@ def _ce_fwd_kernel(
             # registers for the max, the sum and the gradient: the minimum traffic, one read and
             # one write of the logits.
             p = cols
-            if ALIGN > 1:
-                q = (p // ALIGN) * ALIGN
-                load_mask = q < span
-                store_mask = (q >= lead) & (q + ALIGN <= span)
-            else:
-                load_mask = p < span
-                store_mask = load_mask
+            load_mask, store_mask, in_row = _row_masks(p, lead, span, ALIGN)
             # lanes outside the row: a huge negative fp32 value, set after the cast (in fp16 it
             # would be -inf)
             x = tl.load(logits_row + p, mask=load_mask, other=0.0).to(tl.float32)
-            x = tl.where((p >= lead) & (p < span), x, -3.0e38)
+            x = tl.where(in_row, x, -3.0e38)
             m_row = tl.max(x, 0)
             e = tl.exp(x - m_row)
             s_row = tl.sum(e, 0)
@@ -137,12 +140,9 @@ def _ce_fwd_kernel(
             s = tl.zeros((BLOCK_V,), tl.float32)
             for start in range(0, span, BLOCK_V):
                 p = start + cols
-                if ALIGN > 1:
-                    load_mask = (p // ALIGN) * ALIGN < span
-                else:
-                    load_mask = p < span
+                load_mask, _, in_row = _row_masks(p, lead, span, ALIGN)
                 x = tl.load(logits_row + p, mask=load_mask, other=0.0).to(tl.float32)
-                x = tl.where((p >= lead) & (p < span), x, -3.0e38)
+                x = tl.where(in_row, x, -3.0e38)
                 m_new = tl.maximum(m, x)
                 s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
                 m = m_new
@@ -154,13 +154,7 @@ def _ce_fwd_kernel(
             # before it is written, by this program only).
             for start in range(0, span, BLOCK_V):
                 p = start + cols
-                if ALIGN > 1:
-                    q = (p // ALIGN) * ALIGN
-                    load_mask = q < span
-                    store_mask = (q >= lead) & (q + ALIGN <= span)
-                else:
-                    load_mask = p < span
-                    store_mask = load_mask
+                load_mask, store_mask, _ = _row_masks(p, lead, span, ALIGN)
                 x = tl.load(logits_row + p, mask=load_mask, other=0.0).to(tl.float32)
                 g = _grad_of(x, p, m_row, inv_s, target_p, scale)
                 tl.store(grad_row + p, g.to(grad_ptr.dtype.element_ty), mask=store_mask)
