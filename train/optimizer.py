@@ -146,10 +146,12 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float,
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2.0)
-    total_sq = sum(n.float() ** 2 for n in norms)
-    if hasattr(total_sq, "full_tensor"):  # sharded (FSDP2 DTensor) grads: reduce across shards
-        total_sq = total_sq.full_tensor()
-    total = total_sq.sqrt()
+    if hasattr(norms[0], "full_tensor"):  # sharded (FSDP2 DTensor) grads: reduce across shards
+        total = sum(n.float() ** 2 for n in norms).full_tensor().sqrt()
+    else:
+        # One stack and one norm: not a power, a cast and an add per parameter (three launches
+        # each, 100+ a step at TinyStories' 39 parameters, for a few bytes of work).
+        total = torch.linalg.vector_norm(torch.stack(norms).float())
     scale = torch.clamp(max_l2_norm / (total + eps), max=1.0)
     torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return total
