@@ -170,9 +170,9 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
             "linear_cross_entropy", f"N{n} d{d} V{v}",
             lambda dev, dt: [rq(n, d, dtype=dt), rq(v, d, dtype=dt, scale=0.02), torch.randint(0, v, (n,), device=dev)],
             b, lambda mode, e: {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * n * d * v, "TFLOP/s"))
-    # Last (a time-limited run measures the ops above first): the residual add fused into the norm
-    # after it, as in the model's pre-norm blocks. Reads x and r, writes h and y; the backward reads
-    # dy, dh and h and writes dx.
+    # Last (a time-limited run measures the ops above first): the model's fused variants. The
+    # residual add fused into the norm after it, as in the pre-norm blocks: reads x and r, writes
+    # h and y; the backward reads dy, dh and h and writes dx.
     for label, s in presets.items():
         b = {"torch": reference.add_rms_norm, "compile": _compiled(reference.add_rms_norm)}
         if triton_ops:
@@ -182,6 +182,15 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
             "add_rms_norm", f"{label} {rows}x{s['d']}",
             lambda dev, dt, rows=rows, n=s["d"]: [rq(rows, n, dtype=dt), rq(rows, n, dtype=dt), rq(n, dtype=dt), 1e-5],
             b, lambda mode, e, n=rows * s["d"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * n * e, "GB/s"))
+        # SwiGLU on the packed [gate | up] output of the model's single w1/w3 matmul: the same
+        # traffic as the two-input op, its gradient written as one (rows, 2 d_ff) tensor.
+        b = {"torch": reference.swiglu_packed, "compile": _compiled(reference.swiglu_packed)}
+        if triton_ops:
+            b["ours"] = triton_ops.swiglu_packed
+        cases.append(Case(
+            "swiglu_packed", f"{label} {rows}x2x{s['d_ff']}",
+            lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, 2 * f, dtype=dt)],
+            b, lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e, "GB/s"))
     return cases
 
 

@@ -11,6 +11,7 @@ namespace. Both backends expose the same functions with the same signatures:
 - ``rope_qk(q, k, token_positions, theta) -> (q, k)``: both of a layer's rotations (one launch on triton).
 - ``attention(q, k, v, causal=True)``: q, k, v (B, H, T, D).
 - ``swiglu(gate, up)``: silu(gate) * up.
+- ``swiglu_packed(h)``: the same of h = [gate | up] (..., 2F), one gradient for h in the backward.
 - ``cross_entropy(logits (N, V), targets (N,), ignore_index=-100)`` -> mean.
 - ``linear_cross_entropy(x (N, d), weight (V, d), targets (N,), ignore_index=-100)`` -> mean CE of
   x @ weight.T; the triton backend never materialises the (N, V) logits.
@@ -37,6 +38,7 @@ class Ops:
     rope_qk: Callable
     attention: Callable
     swiglu: Callable
+    swiglu_packed: Callable
     cross_entropy: Callable
     linear_cross_entropy: Callable
 
@@ -53,6 +55,7 @@ _TORCH_OPS = Ops(
     rope_qk=_rope_qk_reference,
     attention=reference.attention,
     swiglu=reference.swiglu,
+    swiglu_packed=reference.swiglu_packed,
     cross_entropy=reference.cross_entropy,
     linear_cross_entropy=reference.linear_cross_entropy,
 )
@@ -73,7 +76,7 @@ def _build_triton_ops() -> Ops:
     from kernels.linear_cross_entropy import linear_cross_entropy
     from kernels.rms_norm import add_rms_norm, rms_norm
     from kernels.rope import rope, rope_qk
-    from kernels.swiglu import swiglu
+    from kernels.swiglu import swiglu, swiglu_packed
 
     return Ops(
         name="triton",
@@ -83,6 +86,7 @@ def _build_triton_ops() -> Ops:
         rope_qk=rope_qk,
         attention=attention,
         swiglu=swiglu,
+        swiglu_packed=swiglu_packed,
         cross_entropy=cross_entropy,
         linear_cross_entropy=linear_cross_entropy,
     )

@@ -30,10 +30,10 @@ I32_PTRS = {"work_ptr"}
 FLOAT_SCALARS = {"eps", "qk_scale", "sm_scale", "decay", "alpha", "beta1", "beta2"}
 # Integer arguments compiled as multiples of 16, as Triton's JIT specializes them when they are (it
 # does so for every pointer and int argument): strides and sizes are at the presets' shapes
-# (widths 512..4096, d_ff 1344, T 256 and 1024, head dim 32..128), and the cross-entropy kernel's
+# (widths 512..4096, d_ff F 1344 and 3072, T 256 and 1024, head dim 32..128), and the cross-entropy kernel's
 # row width V is one at 10,000 and 32,000 and, padded by the fused head, at GPT-2's 50,257. Not
 # ignore_index or head counts, which compile as plain ints.
-DIVISIBLE_INTS = {"M", "N", "numel", "V", "T", "R", "HALF"}
+DIVISIBLE_INTS = {"M", "N", "numel", "V", "T", "R", "HALF", "F"}
 ATTENTION_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
 
 
@@ -59,7 +59,7 @@ def _cases() -> list[dict]:
         for inverse in (False, True):
             cases.append(dict(module="rope", kernel="_rope_kernel", constexprs={"HAS_K": True, "INVERSE": inverse, "BLOCK_R": block_r, "BLOCK_H": block_h},
                               num_warps=4, num_stages=2, dtype="bf16", label=f"D={d} inverse={inverse}"))
-    for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
+    for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_swiglu_packed_fwd_kernel", "_swiglu_packed_bwd_kernel"):
         cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK": 1024}, num_warps=4, num_stages=2, dtype="bf16", label=""))
     for d in (32, 64, 128):
         for cfg in attention._fwd_configs(d >= attention.LARGE_D):

@@ -98,6 +98,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (silu(gate.to(cdt)) * up.to(cdt)).to(gate.dtype)
 
 
+def swiglu_packed(h: torch.Tensor) -> torch.Tensor:
+    """swiglu of the two halves of h (..., 2F): [gate | up], as one matmul with w1 and w3 stacked gives."""
+    gate, up = h.chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:

@@ -13,19 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_device, pow2_at_least, rows_view
+from kernels._utils import check_device, pow2_at_least, unit_last_stride
 
 
 @triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
-    stride_q, stride_k, stride_qo, stride_ko,
-    R, HALF, REPEAT,
+    stride_q, stride_qh, stride_k, stride_kh, stride_qo, stride_ko,
+    R, HALF, REPEAT, HEADS,
     HAS_K: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < R
+    # Input row r is head r % HEADS of outer row r // HEADS: q and k may be views into a packed
+    # (tokens, 3, heads, D) projection, whose rows do not collapse into one stride.
+    q_rows = (rows // HEADS) * stride_q + (rows % HEADS) * stride_qh
+    k_rows = (rows // HEADS) * stride_k + (rows % HEADS) * stride_kh
     pairs = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, 2 * BLOCK_H)
     # Rows that share a position (e.g. the heads of one token) read the same entry.
@@ -38,12 +42,12 @@ def _rope_kernel(
         sin = -sin
     mask = row_mask[:, None] & (cols < 2 * HALF)[None, :]
     # Whole rows are loaded (coalesced) and split into (even, odd) pairs in registers.
-    x = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_H, 2)))
     out = tl.reshape(tl.join(x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), (BLOCK_R, 2 * BLOCK_H))
     tl.store(qo_ptr + rows[:, None] * stride_qo + cols[None, :], out.to(qo_ptr.dtype.element_ty), mask=mask)
     if HAS_K:
-        x = tl.load(k_ptr + rows[:, None] * stride_k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(k_ptr + k_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_H, 2)))
         out = tl.reshape(tl.join(x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), (BLOCK_R, 2 * BLOCK_H))
         tl.store(ko_ptr + rows[:, None] * stride_ko + cols[None, :], out.to(ko_ptr.dtype.element_ty), mask=mask)
@@ -64,6 +68,16 @@ def _positions_per_row(token_positions: torch.Tensor, lead_shape: torch.Size) ->
         k -= 1
     base = p[(...,) + (0,) * (len(lead_shape) - k)] if k < len(lead_shape) else p
     return base.reshape(-1).contiguous(), max(repeat, 1)
+
+
+def _head_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x (..., heads, D) as (outer, heads, D) with unit last stride, a view whenever the leading
+    dims collapse (as for q, k and v unbound from one packed projection), else a copy."""
+    x = unit_last_stride(x)
+    try:
+        return x.view(-1, heads, x.shape[-1])
+    except RuntimeError:
+        return x.contiguous().view(-1, heads, x.shape[-1])
 
 
 _inv_freq_cache: dict[tuple[float, int, torch.device], torch.Tensor] = {}
@@ -89,18 +103,19 @@ def rope_fwd(
     if k is not None and k.shape != q.shape:
         raise ValueError(f"rope_qk needs q and k of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     pos, repeat = _positions_per_row(token_positions.to(q.device), q.shape[:-1])
-    q2 = rows_view(q)
-    k2 = rows_view(k) if k is not None else q2
-    r = q2.shape[0]
+    heads = q.shape[-2] if q.dim() >= 2 else 1
+    q3 = _head_rows(q, heads)
+    k3 = _head_rows(k, heads) if k is not None else q3
+    r = q3.shape[0] * heads
     qo = torch.empty((r, d), dtype=q.dtype, device=q.device)
     ko = torch.empty((r, d), dtype=k.dtype, device=k.device) if k is not None else qo
     if r:
         block_h = pow2_at_least(d // 2)
         block_r = max(1, min(64, 2048 // (2 * block_h)))
         _rope_kernel[(triton.cdiv(r, block_r),)](
-            q2, k2, qo, ko, pos, _inv_freq(theta, d, q.device),
-            q2.stride(0), k2.stride(0), qo.stride(0), ko.stride(0),
-            r, d // 2, repeat,
+            q3, k3, qo, ko, pos, _inv_freq(theta, d, q.device),
+            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), qo.stride(0), ko.stride(0),
+            r, d // 2, repeat, heads,
             HAS_K=k is not None, INVERSE=inverse, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
         )
     return qo.view(q.shape), (ko.view(k.shape) if k is not None else None)

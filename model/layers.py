@@ -90,7 +90,10 @@ class SwiGLU(nn.Module):
         self.ops = _ops(ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
+        # w1 and w3 as one matmul (x read once, one input gradient), weights stacked on the fly;
+        # the activation reads the two halves and writes its gradient as one tensor.
+        w = torch.cat([self.w1.weight, self.w3.weight])
+        return self.w2(self.ops.swiglu_packed(torch.matmul(x, w.t())))
 
 
 class SiLUFeedForward(nn.Module):
@@ -165,11 +168,13 @@ class MultiHeadSelfAttention(nn.Module):
         *lead, t, d = x.shape
         x3 = x.reshape(-1, t, d)
         b = x3.shape[0]
-        # (B, T, H, D) views of the projections: RoPE runs on this layout (contiguous rows, positions
-        # broadcast over heads) and attention reads it through strides, so no transpose is copied.
-        q = self.q_proj(x3).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x3).view(b, t, self.num_heads, self.head_dim)
-        v = self.v_proj(x3).view(b, t, self.num_heads, self.head_dim)
+        # One matmul for q, k and v (x read once, one larger GEMM, one input gradient instead of
+        # three summed), from the three weights concatenated on the fly: the state_dict keeps the
+        # handout's separate keys. (B, T, H, D) views of it: RoPE reads them in place (rows of
+        # heads, positions broadcast over heads) and attention through strides: no copies.
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv = torch.matmul(x3, w.t()).view(b, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
         start = kv_cache.length if kv_cache is not None else 0
         if self.rope is not None:
             if token_positions is None:

@@ -161,8 +161,42 @@ def test_swiglu_non_contiguous_inputs():
     check_op_against_reference(triton_ops.swiglu, reference.swiglu, [gate, up])
 
 
+@pytest.mark.parametrize("shape", [(1, 2), (3, 5, 74), (1000, 6), (7, 2 * 1344)])
+def test_swiglu_packed_forward_and_grads(shape):
+    # h = [gate | up] from one matmul; the gradient comes back as one tensor of h's shape.
+    check_op_against_reference(triton_ops.swiglu_packed, reference.swiglu_packed, [randn(*shape)])
+
+
+def test_swiglu_packed_strided_rows_and_bad_width():
+    wide = randn(9, 80)
+    leaf = wide.clone().requires_grad_()
+    h = leaf[:, :74]  # row stride 80: read in place
+    dy = randn(9, 37)
+    triton_ops.swiglu_packed(h).backward(dy)
+    ref = wide.double().requires_grad_()
+    out = reference.swiglu_packed(ref[:, :74])
+    out.backward(dy.double())
+    torch.testing.assert_close(triton_ops.swiglu_packed(h).double(), out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), ref.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        triton_ops.swiglu_packed(randn(3, 7))
+
+
+def test_rope_qk_reads_views_of_a_packed_projection():
+    # q and k unbound from a (B, T, 3, H, D) projection: rows of heads whose token stride is 3 H D.
+    qkv = randn(2, 9, 3, 4, 16)
+    q, k, _ = qkv.unbind(2)
+    pos = torch.randint(0, 500, (2, 9, 1), device=DEV)
+    rq, rk = triton_ops.rope_qk(q, k, pos, 10000.0)
+    torch.testing.assert_close(rq, reference.rope(q, pos, 10000.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rk, reference.rope(k, pos, 10000.0), atol=1e-5, rtol=1e-5)
+    from kernels.rope import _head_rows
+
+    assert _head_rows(q, 4).data_ptr() == q.data_ptr()  # a view, not a copy
+
+
 def test_ops_register_named_custom_ops():
-    for name in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd", "rope", "rope_qk", "swiglu_fwd", "swiglu_bwd"):
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd", "rope", "rope_qk", "swiglu_fwd", "swiglu_bwd", "swiglu_packed_fwd", "swiglu_packed_bwd"):
         assert hasattr(torch.ops.fastlm, name)
 
 
@@ -175,6 +209,7 @@ def test_low_precision_on_gpu(dtype):
     pos = torch.randint(0, 4096, (8, 256, 1), device=DEV)
     check_op_against_reference(triton_ops.rope, reference.rope, [randn(8, 256, 16, 64), pos, 10000.0], dtype=dtype)
     check_op_against_reference(triton_ops.swiglu, reference.swiglu, [randn(8192, 1344), randn(8192, 1344)], dtype=dtype)
+    check_op_against_reference(triton_ops.swiglu_packed, reference.swiglu_packed, [randn(8192, 2 * 1344)], dtype=dtype)
 
 
 @pytest.mark.gpu

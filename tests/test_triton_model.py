@@ -99,7 +99,7 @@ def test_backends_agree_under_autocast():
     fused.load_state_dict(ref.state_dict())
     x = torch.randint(0, 101, (2, 24), device=DEV)
     seen = []
-    fused.layers[0].attn.q_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    fused.layers[0].attn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
     losses = []
     for m in (ref, fused):
         with torch.autocast(DEV, dtype=torch.float16):
