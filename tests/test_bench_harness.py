@@ -139,3 +139,19 @@ def test_benchmark_sessions_can_share_one_results_file(tmp_path, monkeypatch):
     assert [r["kind"] for r in rows] == ["kernel", "e2e"]
     monkeypatch.delenv("BENCH_RESULTS_APPEND")
     assert ResultsWriter("cpu", tmp_path).rows == []  # without it, a new file per session
+
+
+def test_op_count_of_a_training_step():
+    from bench.op_count import NO_WORK, count_step_ops, main, tiny_model
+
+    cfg = tiny_model("smoke")
+    torch_ops, triton_ops = count_step_ops(cfg, "torch"), count_step_ops(cfg, "triton")
+    assert not (set(torch_ops) | set(triton_ops)) & NO_WORK
+    # The triton step: fused norms with their residual adds, one AdamW launch, packed projections
+    # (one forward matmul for q/k/v and one for w1/w3 a layer, the head inside the fused loss).
+    assert triton_ops["fastlm::add_rms_norm_fwd"] == 2 * cfg.num_layers
+    assert triton_ops["aten::mm"] == 3 * 4 * cfg.num_layers  # qkv, output, w1/w3, w2: forward + 2 backward each
+    assert triton_ops["aten::add.Tensor"] <= 2  # gradient sums only (the embeddings feed ln1 and the stream)
+    assert sum(n for k, n in triton_ops.items() if k.startswith("aten::_foreach")) == 2  # clipping's norm and scale
+    assert sum(triton_ops.values()) < sum(torch_ops.values()) / 2
+    assert main(["--preset", "smoke", "--kernels", "torch", "--top", "3"]) == 0

@@ -1,0 +1,93 @@
+"""``python -m bench.op_count``: the ops one training step dispatches, per backend.
+
+A step (forward under autocast, backward, gradient clipping, AdamW) is recorded with a
+``TorchDispatchMode``; ops that only make views or metadata are left out, so what remains is a
+proxy for kernel launches that needs no GPU (our kernels run in Triton's interpreter on a CPU). A
+custom op counts once though attention's backward launches three kernels, and a foreach op once
+though it launches one kernel per chunk of tensors. The count depends on the model's structure
+(layers, ablations), not its widths, so the preset's model is shrunk to tiny widths.
+
+    python -m bench.op_count --preset tinystories [--kernels torch triton] [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import sys
+
+import torch
+
+# Ops that launch no work: views, metadata, allocation, and the CPU-only token-range check.
+NO_WORK = frozenset({
+    "aten::t", "aten::view", "aten::detach", "aten::transpose.int", "aten::_unsafe_view", "aten::empty.memory_format",
+    "aten::empty_strided", "aten::set_.source_Storage", "aten::set_.source_Storage_storage_offset", "aten::new_empty",
+    "aten::unsqueeze", "aten::lift_fresh", "aten::alias", "aten::as_strided", "aten::expand", "aten::slice.Tensor",
+    "aten::select.int", "aten::unbind.int", "aten::split.Tensor", "aten::split_with_sizes", "aten::reshape",
+    "aten::_local_scalar_dense", "aten::min", "aten::max",
+})
+
+
+def count_step_ops(model_cfg, kernels: str, batch_size: int = 2, context: int = 32) -> collections.Counter:
+    """Ops (by name) that launch work in one training step, counted on the second step (the first
+    builds caches, e.g. the fused optimizer's tables)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model import TransformerLM
+    from train.optimizer import AdamW, clip_grad_norm
+
+    calls: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = TransformerLM(model_cfg, kernels=kernels)
+    opt = AdamW(model.parameters(), lr=1e-3, fused=kernels == "triton")
+    x = torch.randint(0, model_cfg.vocab_size, (batch_size, context))
+    for _ in range(2):
+        calls.clear()
+        with Record():
+            # fp16: the interpreter's bf16 dot is wrong; the op sequence is the same as bf16's.
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(x, targets=x)
+            loss.backward()
+            clip_grad_norm(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return collections.Counter(c for c in calls if c not in NO_WORK and not c.startswith("profiler::"))
+
+
+def tiny_model(preset_name: str):
+    """The preset's model structure (layers, heads, ablations) at tiny widths."""
+    from train.config import preset
+
+    cfg, _ = preset(preset_name)
+    return dataclasses.replace(cfg, vocab_size=101, context_length=32, d_model=16 * cfg.num_heads, d_ff=48)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.op_count", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tinystories")
+    p.add_argument("--kernels", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
+    p.add_argument("--top", type=int, default=10, help="most frequent ops to list per backend")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
+    cfg = tiny_model(args.preset)
+    print(f"{args.preset}: {cfg.num_layers} layers, {cfg.num_heads} heads (widths shrunk; the count depends on structure)")
+    for k in args.kernels:
+        ops = count_step_ops(cfg, k)
+        foreach = sum(n for name, n in ops.items() if name.startswith("aten::_foreach"))
+        print(f"\n{k}: {sum(ops.values())} ops a step ({foreach} foreach)")
+        for name, n in ops.most_common(args.top):
+            print(f"  {n:5d}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
