@@ -59,8 +59,14 @@ def _cases() -> list[dict]:
         for inverse in (False, True):
             cases.append(dict(module="rope", kernel="_rope_kernel", constexprs={"HAS_K": True, "INVERSE": inverse, "BLOCK_R": block_r, "BLOCK_H": block_h},
                               num_warps=4, num_stages=2, dtype="bf16", label=f"D={d} inverse={inverse}"))
-    for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_swiglu_packed_fwd_kernel", "_swiglu_packed_bwd_kernel"):
+    for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
         cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK": 1024}, num_warps=4, num_stages=2, dtype="bf16", label=""))
+    from kernels import swiglu
+
+    block_r, block_f = swiglu._packed_blocks(1344)
+    for k in ("_swiglu_packed_fwd_kernel", "_swiglu_packed_bwd_kernel"):
+        cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK_R": block_r, "BLOCK_F": block_f}, num_warps=4, num_stages=2, dtype="bf16",
+                          label=f"BLOCK_R={block_r} BLOCK_F={block_f}"))
     for d in (32, 64, 128):
         for cfg in attention._fwd_configs(d >= attention.LARGE_D):
             cases.append(dict(module="attention", kernel="_attn_fwd_kernel", constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
