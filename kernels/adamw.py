@@ -30,7 +30,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _adamw_kernel(
     p_base, g_base, m_base, v_base, work_ptr, offset_ptr, numel_ptr, n_tensors,
     decay, alpha, beta1, beta2, eps,
-    ALIGN_P: tl.constexpr, ALIGN_G: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGN_P: tl.constexpr, ALIGN_G: tl.constexpr, ALIGN_M: tl.constexpr, ALIGN_V: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Tensor t's elements start offset_ptr[k * n_tensors + t] elements past base k (p, g, m, v): one
     # pointer argument per role, so Triton knows its type and 16-byte alignment, plus an offset the
@@ -41,8 +41,8 @@ def _adamw_kernel(
     n = tl.load(numel_ptr + t)
     p_off = tl.multiple_of(tl.load(offset_ptr + t), ALIGN_P)
     g_off = tl.multiple_of(tl.load(offset_ptr + n_tensors + t), ALIGN_G)
-    m_off = tl.multiple_of(tl.load(offset_ptr + 2 * n_tensors + t), 4)
-    v_off = tl.multiple_of(tl.load(offset_ptr + 3 * n_tensors + t), 4)
+    m_off = tl.multiple_of(tl.load(offset_ptr + 2 * n_tensors + t), ALIGN_M)
+    v_off = tl.multiple_of(tl.load(offset_ptr + 3 * n_tensors + t), ALIGN_V)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     # Whole blocks unmasked (a mask against a size read from memory would keep every access
     # scalar); only a tensor's last, partial block is masked.
@@ -112,9 +112,10 @@ class _Tables:
 
 def supports(tensors: list[torch.Tensor]) -> bool:
     """Whether the fused step can update these tensors in place: plain (not DTensor, FSDP2's
-    shards), contiguous, of a dtype it knows."""
+    shards), contiguous, of a dtype it knows, at element-aligned addresses (offsets between tensors
+    of a role are then whole elements)."""
     return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors) and all(
-        t.is_contiguous() and t.dtype in _DTYPES for t in tensors
+        t.is_contiguous() and t.dtype in _DTYPES and t.data_ptr() % t.element_size() == 0 for t in tensors
     )
 
 
@@ -122,8 +123,8 @@ def adamw_step_(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, tables: _Tables,
 ) -> None:
-    """One AdamW step, in place, for tensors sharing a step count; fp32 moments. One launch per
-    (parameter dtype, gradient dtype) pair present."""
+    """One AdamW step, in place, for tensors sharing a step count. One launch per combination of
+    parameter, gradient and moment dtypes present (one, in training: fp32 throughout)."""
     if not params:
         return
     check_device(*params)
@@ -134,8 +135,9 @@ def adamw_step_(
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.shape != g.shape:
             raise ValueError(f"gradient shape {tuple(g.shape)} does not match its parameter's {tuple(p.shape)}")
-        groups.setdefault((p.dtype, g.dtype), []).append(i)
-    for (p_dtype, g_dtype), idx in groups.items():
+        # moments are fp32 unless a loaded state_dict cast them to a low-precision parameter's dtype
+        groups.setdefault((p.dtype, g.dtype, exp_avgs[i].dtype, exp_avg_sqs[i].dtype), []).append(i)
+    for idx in groups.values():
         idx = [i for i in idx if params[i].numel()]
         if not idx:
             continue
@@ -152,5 +154,5 @@ def adamw_step_(
         _adamw_kernel[(work.shape[0] // 2,)](
             *(s[0] for s in sets), work, tables.offsets(offsets, device), numels, len(idx),
             decay, alpha, beta1, beta2, eps,
-            ALIGN_P=align(sets[0]), ALIGN_G=align(sets[1]), BLOCK=BLOCK, num_warps=4,
+            ALIGN_P=align(sets[0]), ALIGN_G=align(sets[1]), ALIGN_M=align(sets[2]), ALIGN_V=align(sets[3]), BLOCK=BLOCK, num_warps=4,
         )

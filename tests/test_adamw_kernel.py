@@ -62,6 +62,26 @@ def test_fused_low_precision_parameters_and_gradients():
         torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_low_precision_parameters_keep_fp32_moments_through_a_checkpoint(fused):
+    # torch's Optimizer.load_state_dict casts state to the parameter's dtype; ours keeps m and v
+    # fp32, and both step paths continue from the loaded state.
+    p = torch.nn.Parameter(torch.randn(300, device=DEV).bfloat16())
+    opt = AdamW([p], lr=1e-2, fused=fused)
+    for _ in range(2):
+        p.grad = torch.randn(300, device=DEV).bfloat16()
+        opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = AdamW([q], lr=1e-2, fused=fused)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[q]["exp_avg"].dtype == torch.float32 and opt2.state[q]["exp_avg_sq"].dtype == torch.float32
+    g = torch.randn(300, device=DEV).bfloat16()
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p, q)
+
+
 def test_fused_handles_parameters_at_different_steps_and_without_gradients():
     a, b, oa, ob = _pair([(10,), (20,), (30,)], lr=1e-2)
     a[2].requires_grad_(False)

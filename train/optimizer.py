@@ -100,6 +100,18 @@ class AdamW(torch.optim.Optimizer):
                     p.copy_(p32.addcdiv_(m, d, value=a))
         return loss
 
+    def load_state_dict(self, state_dict) -> None:
+        # torch's loader casts floating-point state to each parameter's dtype; the moments are
+        # fp32 here whatever the parameter (a bf16 parameter's m and v in bf16 would lose the small
+        # updates), so they are put back as saved.
+        moments = {i: {k: s[k] for k in ("exp_avg", "exp_avg_sq") if k in s} for i, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for k, v in moments.get(i, {}).items():
+                self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _fused_step(self, group, params, grads, ms, vs, steps) -> bool:
         """The group's update by the fused kernel, one launch per step count present (one, unless
         parameters joined at different steps); False (nothing done) if it cannot take them."""
