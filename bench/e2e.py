@@ -15,7 +15,7 @@ from bench.timing import peak_memory_bytes, time_ms
 from model import TransformerLM
 from model.flops import forward_flops_breakdown, training_flops_per_token, training_memory
 from train.config import compile_model, preset
-from train.optimizer import AdamW, clip_grad_norm
+from train.optimizer import AdamW, grad_norm_and_clip_scale
 
 COMPONENTS = ("matmul", "attention", "norm", "rope", "swiglu", "loss", "optimizer", "other")
 
@@ -68,8 +68,8 @@ def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: 
         with autocast:
             loss = fwd(x, targets=y)
         loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
+        _, clip = grad_norm_and_clip_scale([p.grad for p in model.parameters()], 1.0)
+        opt.step(grad_scale=clip)
         opt.zero_grad(set_to_none=True)
 
     return step, model_cfg, b

@@ -28,9 +28,10 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _adamw_kernel(
-    p_base, g_base, m_base, v_base, work_ptr, offset_ptr, numel_ptr, n_tensors,
+    p_base, g_base, m_base, v_base, work_ptr, offset_ptr, numel_ptr, n_tensors, scale_ptr,
     decay, alpha, beta1, beta2, eps,
-    ALIGN_P: tl.constexpr, ALIGN_G: tl.constexpr, ALIGN_M: tl.constexpr, ALIGN_V: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGN_P: tl.constexpr, ALIGN_G: tl.constexpr, ALIGN_M: tl.constexpr, ALIGN_V: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Tensor t's elements start offset_ptr[k * n_tensors + t] elements past base k (p, g, m, v): one
     # pointer argument per role, so Triton knows its type and 16-byte alignment, plus an offset the
@@ -44,18 +45,19 @@ def _adamw_kernel(
     m_off = tl.multiple_of(tl.load(offset_ptr + 2 * n_tensors + t), ALIGN_M)
     v_off = tl.multiple_of(tl.load(offset_ptr + 3 * n_tensors + t), ALIGN_V)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
+    g_scale = tl.load(scale_ptr).to(tl.float32) if HAS_SCALE else 1.0  # gradient clipping's factor
     # Whole blocks unmasked (a mask against a size read from memory would keep every access
     # scalar); only a tensor's last, partial block is masked.
     if (blk + 1) * BLOCK <= n:
         _update(p_base + p_off + offs, g_base + g_off + offs, m_base + m_off + offs, v_base + v_off + offs,
-                offs, n, decay, alpha, beta1, beta2, eps, MASKED=False)
+                offs, n, g_scale, decay, alpha, beta1, beta2, eps, MASKED=False)
     else:
         _update(p_base + p_off + offs, g_base + g_off + offs, m_base + m_off + offs, v_base + v_off + offs,
-                offs, n, decay, alpha, beta1, beta2, eps, MASKED=True)
+                offs, n, g_scale, decay, alpha, beta1, beta2, eps, MASKED=True)
 
 
 @triton.jit
-def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, n, decay, alpha, beta1, beta2, eps, MASKED: tl.constexpr):
+def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, n, g_scale, decay, alpha, beta1, beta2, eps, MASKED: tl.constexpr):
     if MASKED:
         mask = offs < n
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -68,6 +70,7 @@ def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, n, decay, alpha, beta1, beta2,
         m = tl.load(m_ptrs)
         v = tl.load(v_ptrs)
         p = tl.load(p_ptrs).to(tl.float32)
+    g = g * g_scale
     m = m + (1.0 - beta1) * (g - m)
     v = v * beta2 + (1.0 - beta2) * (g * g)
     p = p * decay + alpha * (m / (tl.sqrt(v) + eps))
@@ -122,9 +125,11 @@ def supports(tensors: list[torch.Tensor]) -> bool:
 def adamw_step_(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, tables: _Tables,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step, in place, for tensors sharing a step count. One launch per combination of
-    parameter, gradient and moment dtypes present (one, in training: fp32 throughout)."""
+    """One AdamW step, in place, for tensors sharing a step count; ``grad_scale`` (0-d device
+    tensor) multiplies the gradients as they are read (the clip factor: p.grad is left as is). One
+    launch per combination of parameter, gradient and moment dtypes present (one, in training)."""
     if not params:
         return
     check_device(*params)
@@ -153,6 +158,7 @@ def adamw_step_(
         work, numels = tables.work(tuple(params[i].numel() for i in idx), device)
         _adamw_kernel[(work.shape[0] // 2,)](
             *(s[0] for s in sets), work, tables.offsets(offsets, device), numels, len(idx),
-            decay, alpha, beta1, beta2, eps,
-            ALIGN_P=align(sets[0]), ALIGN_G=align(sets[1]), ALIGN_M=align(sets[2]), ALIGN_V=align(sets[3]), BLOCK=BLOCK, num_warps=4,
+            numels if grad_scale is None else grad_scale.reshape(1), decay, alpha, beta1, beta2, eps,
+            ALIGN_P=align(sets[0]), ALIGN_G=align(sets[1]), ALIGN_M=align(sets[2]), ALIGN_V=align(sets[3]),
+            HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=4,
         )

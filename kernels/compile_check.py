@@ -95,7 +95,7 @@ def _cases() -> list[dict]:
     from kernels import adamw
 
     for p_ty, g_ty in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")):
-        cases.append(dict(module="adamw", kernel="_adamw_kernel", constexprs={"ALIGN_P": 16 // _BYTES[p_ty], "ALIGN_G": 16 // _BYTES[g_ty], "ALIGN_M": 4, "ALIGN_V": 4, "BLOCK": adamw.BLOCK},
+        cases.append(dict(module="adamw", kernel="_adamw_kernel", constexprs={"ALIGN_P": 16 // _BYTES[p_ty], "ALIGN_G": 16 // _BYTES[g_ty], "ALIGN_M": 4, "ALIGN_V": 4, "HAS_SCALE": True, "BLOCK": adamw.BLOCK},
                           num_warps=4, num_stages=2, dtype=p_ty, ptr_dtypes={"p_base": p_ty, "g_base": g_ty, "m_base": "fp32", "v_base": "fp32"},
                           label=f"params {p_ty}, grads {g_ty}"))
     cases.append(dict(module="cross_entropy", kernel="_scale_unless_one_kernel", constexprs={"BLOCK": 4096}, num_warps=8, num_stages=2, dtype="bf16", label=""))

@@ -82,6 +82,26 @@ def test_low_precision_parameters_keep_fp32_moments_through_a_checkpoint(fused):
     assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_clip_factor_applied_inside_the_step_equals_clipping_first(fused):
+    from train.optimizer import clip_grad_norm, grad_norm_and_clip_scale
+
+    a, b, oa, ob = _pair([(500,), (40, 3)], lr=1e-2, weight_decay=0.1)
+    ob.fused = fused
+    for max_norm in (0.5, 1e6):  # clipping, then a bound the norm stays under (factor 1)
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, device=DEV) * 3
+            x.grad, y.grad = g.clone(), g.clone()
+        norm_a = clip_grad_norm(a, max_norm)
+        oa.step()
+        norm_b, clip = grad_norm_and_clip_scale([y.grad for y in b], max_norm)
+        ob.step(grad_scale=clip)
+        torch.testing.assert_close(norm_b, norm_a)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(ob.state[y]["exp_avg"], oa.state[x]["exp_avg"], atol=1e-7, rtol=1e-5)
+
+
 def test_fused_handles_parameters_at_different_steps_and_without_gradients():
     a, b, oa, ob = _pair([(10,), (20,), (30,)], lr=1e-2)
     a[2].requires_grad_(False)

@@ -48,7 +48,9 @@ class AdamW(torch.optim.Optimizer):
             self._tables = _Tables()
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: torch.Tensor | None = None):
+        """One update. ``grad_scale`` (a 0-d device tensor, e.g. the clip factor from
+        ``grad_norm_and_clip_scale``) multiplies every gradient first."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -74,8 +76,10 @@ class AdamW(torch.optim.Optimizer):
                 steps.append(state["step"])
             if not params:
                 continue
-            if self.fused and self._fused_step(group, params, grads, ms, vs, steps):
+            if self.fused and self._fused_step(group, params, grads, ms, vs, steps, grad_scale):
                 continue
+            if grad_scale is not None:  # in place, as clip_grad_norm would have
+                torch._foreach_mul_(grads, grad_scale.to(grads[0].dtype))
             grads = [g.float() if g.dtype != torch.float32 else g for g in grads]
             # Foreach (multi-tensor) updates: a handful of kernel launches per group instead of
             # several per parameter, the same arithmetic as the per-tensor loop:
@@ -112,7 +116,7 @@ class AdamW(torch.optim.Optimizer):
             for k, v in moments.get(i, {}).items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
 
-    def _fused_step(self, group, params, grads, ms, vs, steps) -> bool:
+    def _fused_step(self, group, params, grads, ms, vs, steps, grad_scale) -> bool:
         """The group's update by the fused kernel, one launch per step count present (one, unless
         parameters joined at different steps); False (nothing done) if it cannot take them."""
         from kernels.adamw import adamw_step_, supports
@@ -127,7 +131,7 @@ class AdamW(torch.optim.Optimizer):
             adamw_step_(
                 [params[i] for i in idx], [grads[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=t,
-                tables=self._tables,
+                tables=self._tables, grad_scale=grad_scale,
             )
         return True
 
@@ -157,6 +161,20 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float,
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    total, scale = grad_norm_and_clip_scale(grads, max_l2_norm, eps)
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return total
+
+
+@torch.no_grad()
+def grad_norm_and_clip_scale(
+    grads: list[torch.Tensor], max_l2_norm: float, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(combined L2 norm of ``grads``, min(1, max_l2_norm / (norm + eps))) as 0-d device tensors,
+    the gradients untouched: ``AdamW.step(grad_scale=...)`` applies the clip inside its update
+    (the fused kernel multiplies as it reads g: no separate pass over the gradients)."""
+    if not grads:
+        return torch.zeros(()), torch.ones(())
     norms = torch._foreach_norm(grads, 2.0)
     if hasattr(norms[0], "full_tensor"):  # sharded (FSDP2 DTensor) grads: reduce across shards
         total = sum(n.float() ** 2 for n in norms).full_tensor().sqrt()
@@ -164,6 +182,4 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float,
         # One stack and one norm: not a power, a cast and an add per parameter (three launches
         # each, 100+ a step at TinyStories' 39 parameters, for a few bytes of work).
         total = torch.linalg.vector_norm(torch.stack(norms).float())
-    scale = torch.clamp(max_l2_norm / (total + eps), max=1.0)
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-    return total
+    return total, torch.clamp(max_l2_norm / (total + eps), max=1.0)

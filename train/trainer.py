@@ -39,7 +39,7 @@ from train.config import RunConfig, compile_model
 from train.data import batch_from_starts
 from train.data_prep import prepare_data
 from train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
-from train.optimizer import AdamW, clip_grad_norm, get_lr_cosine_schedule
+from train.optimizer import AdamW, get_lr_cosine_schedule, grad_norm_and_clip_scale
 
 EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3
 
@@ -332,8 +332,11 @@ class Trainer:
                         loss = self.forward(x, targets=y)
                     (loss / len(micro)).backward()
                     loss_acc += loss.detach().float() / len(micro)
-                grad_norm = clip_grad_norm(self.raw_model.parameters(), r.grad_clip) if r.grad_clip > 0 else None
-                self.optimizer.step()
+                grad_norm = clip = None
+                if r.grad_clip > 0:  # the clip factor is applied inside the optimizer's update
+                    grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+                    grad_norm, clip = grad_norm_and_clip_scale(grads, r.grad_clip)
+                self.optimizer.step(grad_scale=clip)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 acc_steps += 1
