@@ -191,7 +191,56 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
             "swiglu_packed", f"{label} {rows}x2x{s['d_ff']}",
             lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, 2 * f, dtype=dt)],
             b, lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e, "GB/s"))
+    # The optimizer step over a preset's parameters: our fused AdamW, our foreach AdamW (what the
+    # torch backend trains with) and PyTorch's own fused AdamW. Minimum traffic: read p, g, m, v
+    # and write p, m, v once, fp32.
+    for label in presets:
+        numels = [4000, 32, 3000, 1] if quick else _param_numels(label)
+        b = {"torch": _stepper(lambda ps: _AdamW(ps, lr=1e-4)), "ours": _stepper(lambda ps: _AdamW(ps, lr=1e-4, fused=True)),
+             "builtin": _stepper(lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True))}
+        if not triton_ops:
+            del b["ours"]
+        cases.append(Case(
+            "adamw", f"{label} {sum(numels) / 1e6:.1f}M params in {len(numels)} tensors",
+            lambda dev, dt, numels=numels: _params_with_grads(numels, dev), b,
+            lambda mode, e, n=sum(numels): 7 * n * e, "GB/s", modes=("fwd",)))
     return cases
+
+
+def _param_numels(preset_name: str) -> list[int]:
+    from model import TransformerLM
+    from train.config import preset
+
+    cfg, _ = preset(preset_name)
+    return [p.numel() for p in TransformerLM(cfg, device="meta").parameters()]
+
+
+def _params_with_grads(numels: list[int], device: torch.device) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in numels]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def _AdamW(params, **kw):
+    from train.optimizer import AdamW
+
+    return AdamW(params, **kw)
+
+
+def _stepper(build):
+    """A backend that steps one optimizer built on first call for the given parameters (the case's
+    inputs), so timed repeats are steps of a warm optimizer."""
+    opts: dict = {}
+
+    def step(*params):
+        key = id(params[0])
+        if key not in opts:
+            opts.clear()  # a new case's parameters: let the last ones go
+            opts[key] = build(list(params))
+        opts[key].step()
+
+    return step
 
 
 def _attention_case(label, B, H, T, D, backends, rq, modes=MODES) -> Case:
