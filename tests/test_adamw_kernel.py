@@ -156,3 +156,9 @@ def test_fused_on_gpu_large_and_without_host_sync():
             torch.cuda.set_sync_debug_mode("default")
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="fused=False"):
+        AdamW([torch.nn.Parameter(torch.randn(3))], fused=True)

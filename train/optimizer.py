@@ -43,14 +43,19 @@ class AdamW(torch.optim.Optimizer):
         self.fused = fused
         self._tables = None
         if fused:
+            from kernels._utils import interpreting
             from kernels.adamw import _Tables
 
+            off_gpu = [p.device for g in self.param_groups for p in g["params"] if p.device.type != "cuda"]
+            if off_gpu and not interpreting():
+                raise ValueError(f"fused=True runs a Triton kernel on CUDA tensors; got parameters on {off_gpu[0]} (use fused=False)")
             self._tables = _Tables()
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: torch.Tensor | None = None):
         """One update. ``grad_scale`` (a 0-d device tensor, e.g. the clip factor from
-        ``grad_norm_and_clip_scale``) multiplies every gradient first."""
+        ``grad_norm_and_clip_scale``) multiplies every gradient first: in place in ``p.grad`` on the
+        foreach path, as the kernel reads it on the fused one (``p.grad`` is left as it was)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
