@@ -15,7 +15,7 @@ from bench.timing import peak_memory_bytes, time_ms
 from model import TransformerLM
 from model.flops import forward_flops_breakdown, training_flops_per_token, training_memory
 from train.config import compile_model, preset
-from train.optimizer import AdamW, grad_norm_and_clip_scale
+from train.optimizer import AdamW, clip_and_step
 
 COMPONENTS = ("matmul", "attention", "norm", "rope", "swiglu", "loss", "optimizer", "other")
 
@@ -68,8 +68,7 @@ def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: 
         with autocast:
             loss = fwd(x, targets=y)
         loss.backward()
-        _, clip = grad_norm_and_clip_scale([p.grad for p in model.parameters()], 1.0)
-        opt.step(grad_scale=clip)
+        clip_and_step(opt, 1.0)
         opt.zero_grad(set_to_none=True)
 
     return step, model_cfg, b

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from bench.timing import peak_memory_bytes, time_ms
 from kernels import get_ops, reference
 from kernels._utils import interpreting
+from train.optimizer import AdamW
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -196,7 +197,7 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
     # and write p, m, v once, fp32.
     for label in presets:
         numels = [4000, 32, 3000, 1] if quick else _param_numels(label)
-        b = {"torch": _stepper(lambda ps: _AdamW(ps, lr=1e-4)), "ours": _stepper(lambda ps: _AdamW(ps, lr=1e-4, fused=True)),
+        b = {"torch": _stepper(lambda ps: AdamW(ps, lr=1e-4)), "ours": _stepper(lambda ps: AdamW(ps, lr=1e-4, fused=True)),
              "builtin": _stepper(lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True))}
         if not triton_ops:
             del b["ours"]
@@ -220,12 +221,6 @@ def _params_with_grads(numels: list[int], device: torch.device) -> list[torch.nn
     for p in params:
         p.grad = torch.randn_like(p)
     return params
-
-
-def _AdamW(params, **kw):
-    from train.optimizer import AdamW
-
-    return AdamW(params, **kw)
 
 
 def _stepper(build):
@@ -252,7 +247,7 @@ def _attention_case(label, B, H, T, D, backends, rq, modes=MODES) -> Case:
         backends, lambda mode, e: {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode] * flops, "TFLOP/s", modes)
 
 
-def _scalarize(out):
+def scalarize(out):
     if isinstance(out, tuple):
         return sum(o.float().sum() for o in out)
     return out
@@ -277,7 +272,7 @@ def run_case(case: Case, backend: str, mode: str, device: torch.device, dtype: t
         if mode == "fwd":
             call = forward
         else:
-            out = _scalarize(fn(*inputs))
+            out = scalarize(fn(*inputs))
             grad = torch.randn_like(out) if out.dim() else None
 
             def backward():
@@ -288,7 +283,7 @@ def run_case(case: Case, backend: str, mode: str, device: torch.device, dtype: t
             def both():
                 for t in tensors:
                     t.grad = None
-                _scalarize(fn(*inputs)).backward(grad)
+                scalarize(fn(*inputs)).backward(grad)
 
             call = backward if mode == "bwd" else both
         ms = time_ms(call, device, warmup, rep)

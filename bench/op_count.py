@@ -36,7 +36,7 @@ def count_step_ops(model_cfg, kernels: str, batch_size: int = 2, context: int = 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from model import TransformerLM
-    from train.optimizer import AdamW, grad_norm_and_clip_scale
+    from train.optimizer import AdamW, clip_and_step
 
     calls: list[str] = []
 
@@ -56,8 +56,7 @@ def count_step_ops(model_cfg, kernels: str, batch_size: int = 2, context: int = 
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = model(x, targets=x)
             loss.backward()
-            _, clip = grad_norm_and_clip_scale([p.grad for p in model.parameters()], 1.0)
-            opt.step(grad_scale=clip)
+            clip_and_step(opt, 1.0)
             opt.zero_grad(set_to_none=True)
     return collections.Counter(c for c in calls if c not in NO_WORK and not c.startswith("profiler::"))
 

@@ -19,7 +19,7 @@ import torch
 
 def warm(shard: int, shards: int, presets: list[str] | None, device: torch.device, quick: bool = False) -> list[str]:
     """Run our backend of every ``shards``-th kernel case (forward, and backward where benchmarked)."""
-    from bench.kernel_cases import _scalarize, build_cases
+    from bench.kernel_cases import scalarize, build_cases
 
     done = []
     cases = [c for c in build_cases(device, quick=quick, presets=presets) if "ours" in c.backends]
@@ -30,7 +30,7 @@ def warm(shard: int, shards: int, presets: list[str] | None, device: torch.devic
         inputs = out = None
         try:
             inputs = case.make(device, torch.bfloat16)
-            out = _scalarize(case.backends["ours"](*inputs))
+            out = scalarize(case.backends["ours"](*inputs))
             if len(case.modes) > 1:
                 out.float().sum().backward()
             status = "ok"

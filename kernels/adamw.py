@@ -79,7 +79,7 @@ def _update(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, n, g_scale, decay, alpha, beta
     tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
 
 
-class _Tables:
+class LaunchTables:
     """Device tables for one list of tensors, cached: the (tensor, block) work list by sizes, the
     offset table by the tensors' offsets from their role's first tensor. Built in pinned host memory
     and copied without a sync."""
@@ -124,7 +124,7 @@ def supports(tensors: list[torch.Tensor]) -> bool:
 
 def adamw_step_(
     params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, tables: _Tables,
+    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, tables: LaunchTables,
     grad_scale: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step, in place, for tensors sharing a step count; ``grad_scale`` (0-d device

@@ -39,7 +39,7 @@ ATTENTION_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
 
 def _cases() -> list[dict]:
     """(kernel, constexprs, launch options, activation dtype) in the configurations used."""
-    from kernels import attention, rms_norm
+    from kernels import adamw, attention, cross_entropy, rms_norm, rope, swiglu
 
     cases = []
     for n in (512, 4096, 16384):
@@ -54,15 +54,12 @@ def _cases() -> list[dict]:
             cases.append(dict(module="rms_norm", kernel="_rmsnorm_bwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": True, "HAS_DR": True},
                               num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n} + residual"))
     for d in (32, 128):
-        block_h = d // 2
-        block_r = max(1, min(64, 2048 // d))
+        block_r, block_h = rope._launch_params(d)
         for inverse in (False, True):
             cases.append(dict(module="rope", kernel="_rope_kernel", constexprs={"HAS_K": True, "INVERSE": inverse, "BLOCK_R": block_r, "BLOCK_H": block_h},
                               num_warps=4, num_stages=2, dtype="bf16", label=f"D={d} inverse={inverse}"))
     for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
-        cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK": 1024}, num_warps=4, num_stages=2, dtype="bf16", label=""))
-    from kernels import swiglu
-
+        cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK": swiglu.BLOCK}, num_warps=4, num_stages=2, dtype="bf16", label=""))
     block_r, block_f = swiglu._packed_blocks(1344)
     for k in ("_swiglu_packed_fwd_kernel", "_swiglu_packed_bwd_kernel"):
         cases.append(dict(module="swiglu", kernel=k, constexprs={"BLOCK_R": block_r, "BLOCK_F": block_f}, num_warps=4, num_stages=2, dtype="bf16",
@@ -80,8 +77,6 @@ def _cases() -> list[dict]:
             for cfg in attention._bwd_configs(d >= attention.LARGE_D, k.split("_")[-2]):
                 cases.append(dict(module="attention", kernel=k, constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
-    from kernels import cross_entropy
-
     for single, block in ((True, 16384), (True, 32768), (False, 4096)):
         for dtype in ("bf16", "fp32") if single else ("bf16",):
             cases.append(dict(module="cross_entropy", kernel="_ce_fwd_kernel", constexprs={"BLOCK_V": block, "SINGLE_PASS": single, "ALIGN": 1},
@@ -92,8 +87,6 @@ def _cases() -> list[dict]:
         cases.append(dict(module="cross_entropy", kernel="_ce_fwd_kernel", constexprs={"BLOCK_V": block, "SINGLE_PASS": single, "ALIGN": align},
                           num_warps=cross_entropy._warps(block), num_stages=2, dtype=dtype, plain_ints={"V", "stride_logits", "stride_grad"},
                           label=f"single_pass={single} BLOCK_V={block} odd V, ALIGN={align}"))
-    from kernels import adamw
-
     for p_ty, g_ty in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")):
         cases.append(dict(module="adamw", kernel="_adamw_kernel", constexprs={"ALIGN_P": 16 // _BYTES[p_ty], "ALIGN_G": 16 // _BYTES[g_ty], "ALIGN_M": 4, "ALIGN_V": 4, "HAS_SCALE": True, "BLOCK": adamw.BLOCK},
                           num_warps=4, num_stages=2, dtype=p_ty, ptr_dtypes={"p_base": p_ty, "g_base": g_ty, "m_base": "fp32", "v_base": "fp32"},

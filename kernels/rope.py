@@ -70,6 +70,12 @@ def _positions_per_row(token_positions: torch.Tensor, lead_shape: torch.Size) ->
     return base.reshape(-1).contiguous(), max(repeat, 1)
 
 
+def _launch_params(d: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_H): whole rows of D = 2 BLOCK_H, about 2048 elements a program."""
+    block_h = pow2_at_least(d // 2)
+    return max(1, min(64, 2048 // (2 * block_h))), block_h
+
+
 def _head_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
     """x (..., heads, D) as (outer, heads, D) with unit last stride, a view whenever the leading
     dims collapse (as for q, k and v unbound from one packed projection), else a copy."""
@@ -110,8 +116,7 @@ def rope_fwd(
     qo = torch.empty((r, d), dtype=q.dtype, device=q.device)
     ko = torch.empty((r, d), dtype=k.dtype, device=k.device) if k is not None else qo
     if r:
-        block_h = pow2_at_least(d // 2)
-        block_r = max(1, min(64, 2048 // (2 * block_h)))
+        block_r, block_h = _launch_params(d)
         _rope_kernel[(triton.cdiv(r, block_r),)](
             q3, k3, qo, ko, pos, _inv_freq(theta, d, q.device),
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), qo.stride(0), ko.stride(0),

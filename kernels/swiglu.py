@@ -17,14 +17,25 @@ BLOCK = 1024
 
 
 @triton.jit
+def _silu_mul(g, u):
+    return g * tl.sigmoid(g) * u
+
+
+@triton.jit
+def _silu_mul_grads(dy, g, u):
+    """(d gate, d up) of silu(g) * u, from the inputs (sigmoid recomputed, nothing stored)."""
+    s = tl.sigmoid(g)
+    return dy * u * s * (1.0 + g * (1.0 - s)), dy * g * s
+
+
+@triton.jit
 def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: numel can pass 2^31
     mask = offs < numel
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = g * tl.sigmoid(g) * u
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _silu_mul(g, u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -35,11 +46,9 @@ def _swiglu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, numel, BLOC
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    silu = g * s
-    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    dg, du = _silu_mul_grads(dy, g, u)
     tl.store(dgate_ptr + offs, dg.to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + offs, (dy * silu).to(dup_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + offs, du.to(dup_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -53,8 +62,7 @@ def _swiglu_packed_fwd_kernel(h_ptr, out_ptr, R, F, stride_h, stride_out, BLOCK_
     gate = h_ptr + rows[:, None] * stride_h + cols[None, :]
     g = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gate + F, mask=mask, other=0.0).to(tl.float32)
-    out = g * tl.sigmoid(g) * u
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], _silu_mul(g, u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -69,10 +77,10 @@ def _swiglu_packed_bwd_kernel(
     dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gate + F, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
+    dg, du = _silu_mul_grads(dy, g, u)
     dgate = dh_ptr + rows[:, None] * stride_dh + cols[None, :]
-    tl.store(dgate, (dy * u * s * (1.0 + g * (1.0 - s))).to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgate + F, (dy * g * s).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate, dg.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate + F, du.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 def _packed_blocks(f: int) -> tuple[int, int]:

@@ -44,12 +44,12 @@ class AdamW(torch.optim.Optimizer):
         self._tables = None
         if fused:
             from kernels._utils import interpreting
-            from kernels.adamw import _Tables
+            from kernels.adamw import LaunchTables
 
             off_gpu = [p.device for g in self.param_groups for p in g["params"] if p.device.type != "cuda"]
             if off_gpu and not interpreting():
                 raise ValueError(f"fused=True runs a Triton kernel on CUDA tensors; got parameters on {off_gpu[0]} (use fused=False)")
-            self._tables = _Tables()
+            self._tables = LaunchTables()
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: torch.Tensor | None = None):
@@ -169,6 +169,18 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float,
     total, scale = grad_norm_and_clip_scale(grads, max_l2_norm, eps)
     torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return total
+
+
+def clip_and_step(optimizer: AdamW, max_l2_norm: float) -> torch.Tensor | None:
+    """An optimizer step with its gradients clipped to a global L2 norm of ``max_l2_norm`` (0: no
+    clipping), the factor applied inside the update; returns the norm before clipping (or None)."""
+    if max_l2_norm <= 0:
+        optimizer.step()
+        return None
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm, factor = grad_norm_and_clip_scale(grads, max_l2_norm)
+    optimizer.step(grad_scale=factor)
+    return norm
 
 
 @torch.no_grad()

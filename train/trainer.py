@@ -39,7 +39,7 @@ from train.config import RunConfig, compile_model
 from train.data import batch_from_starts
 from train.data_prep import prepare_data
 from train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
-from train.optimizer import AdamW, get_lr_cosine_schedule, grad_norm_and_clip_scale
+from train.optimizer import AdamW, clip_and_step, get_lr_cosine_schedule
 
 EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3
 
@@ -332,11 +332,7 @@ class Trainer:
                         loss = self.forward(x, targets=y)
                     (loss / len(micro)).backward()
                     loss_acc += loss.detach().float() / len(micro)
-                grad_norm = clip = None
-                if r.grad_clip > 0:  # the clip factor is applied inside the optimizer's update
-                    grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
-                    grad_norm, clip = grad_norm_and_clip_scale(grads, r.grad_clip)
-                self.optimizer.step(grad_scale=clip)
+                grad_norm = clip_and_step(self.optimizer, r.grad_clip)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 acc_steps += 1
