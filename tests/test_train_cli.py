@@ -147,6 +147,79 @@ def test_triton_kernels_train_with_the_fused_optimizer(tmp_path, token_file, mon
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
+def _trainer(tmp_path, kernels, device, *extra):
+    """A set-up smoke-preset Trainer on random tokens (no shared data needed: the GPU box has none)."""
+    from train.trainer import Trainer
+
+    token_file = tmp_path / "random.bin"
+    np.random.default_rng(0).integers(0, 512, 20_000).astype(np.uint16).tofile(token_file)
+
+    _, model_cfg, run_cfg, _ = resolve(["--preset", "smoke", "--kernels", kernels, "--device", device,
+                                        "--train-data", str(token_file), "--out-dir", str(tmp_path),
+                                        "--run-name", f"sync-{kernels}", "--max-steps", "4", "--grad-accum", "2",
+                                        "--batch-size", "4", "--context-length", "32", *extra])
+    t = Trainer(model_cfg, run_cfg, "smoke", progress=False)
+    t.setup()
+    return t
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_train_step_reads_nothing_back_from_the_device(tmp_path, kernels, monkeypatch):
+    # A host sync shows up as aten::_local_scalar_dense (.item(), int(t), bool(t), `if t:`) or a
+    # device-to-host copy; a step (2 micro-batches, clipping, AdamW) must dispatch neither. The CPU
+    # token-range check is the one allowed read (on a GPU it is an async device assert). The GPU
+    # version below runs the same step under torch.cuda.set_sync_debug_mode("error").
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if kernels == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    t = _trainer(tmp_path, kernels, "cpu")
+    reads = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name() in ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::equal"):
+                where = [f.name for f in traceback.extract_stack()]
+                if "_check_tokens" not in where:
+                    reads.append((func.name(), traceback.format_stack(limit=8)[:-1]))
+            return func(*args, **(kwargs or {}))
+
+    loss_acc = torch.zeros(())
+    micro = t.batches.micro_batches(0, 0, 1, 2, t.device)
+    before = [p.detach().clone() for p in t.raw_model.parameters()]
+    with Record():
+        loss, grad_norm = t.train_step(micro, loss_acc)
+    assert not reads, reads[0]
+    assert loss.dim() == 0 and grad_norm.dim() == 0 and loss_acc.item() > 0
+    assert all(p.grad is None for p in t.raw_model.parameters())
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, t.raw_model.parameters()))
+    t.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_train_step_without_host_sync_on_gpu(tmp_path, kernels):
+    # Batches made as the prefetcher makes them (pinned host memory, non-blocking copies), then
+    # a bf16 step; any synchronising CUDA call raises. The first step runs unchecked: it autotunes
+    # (timing candidates synchronises) and builds the fused AdamW's launch tables.
+    import torch
+
+    t = _trainer(tmp_path, kernels, "cuda")
+    loss_acc = torch.zeros((), device=t.device)
+    for step in range(3):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            t.train_step(t.batches.micro_batches(step, 0, 1, 2, t.device), loss_acc)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(loss_acc.item())
+    t.close()
+
+
 def test_no_data_error_says_what_to_pass(tmp_path, capsys):
     assert train_main(SMOKE + ["--out-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err

@@ -301,6 +301,23 @@ class Trainer:
         decay = r.lr_decay_iters or self.max_steps
         return get_lr_cosine_schedule(step, r.lr, r.min_lr, r.warmup_iters, decay)
 
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]], loss_acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over a step's micro-batches: forward and backward of each (DDP
+        all-reduces on the last), clipping, AdamW, gradients freed. Adds the step's mean loss into
+        ``loss_acc`` on the device and returns (last micro-batch's loss, grad norm before clipping),
+        both device tensors: nothing here waits for the GPU (a GPU test runs it under
+        ``torch.cuda.set_sync_debug_mode("error")``)."""
+        for i, (x, y) in enumerate(micro):
+            last = i == len(micro) - 1
+            ctx = self.model.no_sync() if (self.dist.enabled and not last and hasattr(self.model, "no_sync")) else nullcontext()
+            with ctx, self.autocast:
+                loss = self.forward(x, targets=y)
+            (loss / len(micro)).backward()
+            loss_acc += loss.detach().float() / len(micro)
+        grad_norm = clip_and_step(self.optimizer, self.run.grad_clip)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
     def train(self) -> int:
         r = self.run
         self.t_start = time.time()
@@ -324,16 +341,7 @@ class Trainer:
                 lr = self._lr(self.step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                micro = prefetch.get(self.step)
-                for i, (x, y) in enumerate(micro):
-                    sync = i == len(micro) - 1
-                    ctx = self.model.no_sync() if (self.dist.enabled and not sync and hasattr(self.model, "no_sync")) else nullcontext()
-                    with ctx, self.autocast:
-                        loss = self.forward(x, targets=y)
-                    (loss / len(micro)).backward()
-                    loss_acc += loss.detach().float() / len(micro)
-                grad_norm = clip_and_step(self.optimizer, r.grad_clip)
-                self.optimizer.zero_grad(set_to_none=True)
+                loss, grad_norm = self.train_step(prefetch.get(self.step), loss_acc)
                 self.step += 1
                 acc_steps += 1
                 self.tokens_seen += tokens_per_step
