@@ -82,6 +82,10 @@ class TransformerLM(nn.Module):
                 f"{kv_cache[0].length} cached + {token_ids.shape[-1]} new tokens exceed context_length {self.config.context_length}"
             )
         x = self.token_embeddings(token_ids)
+        if token_positions is None and self.config.use_rope:
+            # One positions tensor for every layer (each would otherwise build its own).
+            start = kv_cache[0].length if kv_cache is not None else 0
+            token_positions = torch.arange(start, start + token_ids.shape[-1], device=token_ids.device)
         if self.config.post_norm:
             for i, layer in enumerate(self.layers):
                 x = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None)
