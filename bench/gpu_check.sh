@@ -10,8 +10,9 @@
 # device query and the report: under 8 minutes in the worst case; the first section's processes
 # run side by side under one limit), and benchmark rows are written
 # as they are measured, so a section cut short loses only its own remaining rows. At most 8 files
-# come back from a device run: logs.txt, results/<one file>.json (BENCH_RESULTS_APPEND makes the three
-# benchmark sessions share it), train_metrics.jsonl, report/REPORT.md and its 3 PNGs.
+# come back from a device run: logs.txt, gpu_tests.txt (the GPU tests' full output),
+# results/<one file>.json (BENCH_RESULTS_APPEND makes the three benchmark sessions share it),
+# train_metrics.jsonl, report/REPORT.md and its 3 PNGs.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-bench/gpu_out}}
@@ -53,16 +54,25 @@ python -m pytest -q --collect-only -p no:cacheprovider -m gpu tests 2>/dev/null 
 in_shard() { timeout 120 "$@"; }
 for i in 0 1 2 3; do
     mapfile -t ids < <(awk -v i="$i" 'NR % 4 == i' "$shards/ids")
-    [ "${#ids[@]}" -gt 0 ] && in_shard python -m pytest -q -p no:cacheprovider "${ids[@]}" > "$shards/tests_$i.log" 2>&1 &
+    # -v: each test's line is printed when it starts, so a shard cut off at its limit still shows
+    # which tests finished and which one was running.
+    [ "${#ids[@]}" -gt 0 ] && in_shard python -m pytest -v --tb=short -rfE -p no:cacheprovider "${ids[@]}" > "$shards/tests_$i.log" 2>&1 &
 done
 for i in 0 1; do
     in_shard python -m bench.warm --shard "$i" --shards 2 > "$shards/warm_$i.log" 2>&1 &
 done
 wait
 echo "$(wc -l < "$shards/ids") GPU tests:"
-for f in "$shards"/tests_*.log; do grep -E "^(FAILED|ERROR)|passed|failed|skipped|error" "$f" | tail -8; done
-grep -hE "^E  " "$shards"/tests_*.log | head -30
+for f in "$shards"/tests_*.log; do
+    [ -e "$f" ] || continue
+    grep -E " (PASSED|FAILED|ERROR|SKIPPED)" "$f" | sed -E 's/ +\[ *[0-9]+%\]$//'
+    grep -qE "^=+ .* in [0-9.]+s" "$f" \
+        || echo "$(basename "$f" .log): cut off at its limit while running: $(grep -E '^tests/.*::' "$f" | grep -vE ' (PASSED|FAILED|ERROR|SKIPPED)' | tail -1)"
+done
+grep -hE "^E  " "$shards"/tests_*.log 2>/dev/null | head -30
 echo "warm-up:"; cat "$shards"/warm_*.log | tail -24
+# The full logs (tracebacks) come back as one file beside logs.txt.
+cat "$shards"/tests_*.log "$shards"/warm_*.log > "$OUT/gpu_tests.txt" 2>/dev/null
 
 section "kernel benchmarks: ours, torch eager, PyTorch built-ins, Liger"
 BENCH_BACKENDS=ours,torch,builtin,liger timeout 110 bash -c "$(declare -f bench); bench -k test_kernel"
