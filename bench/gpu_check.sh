@@ -88,7 +88,8 @@ if [ -f "$GPU_DATA/train.bin" ]; then
             --valid-data "$GPU_DATA/valid.bin" --tokenizer "$GPU_DATA/tokenizer" --max-steps 200 \
             --lr-decay-iters 200 --warmup-iters 20 --log-interval 50 --eval-interval 100 --eval-batches 5 \
             --out-dir /tmp/gpu_runs --run-name "ts-$k" --resume never --quiet --sample-tokens 48 --num-samples 1 2>&1 | tail -3
-        cat "/tmp/gpu_runs/ts-$k/metrics.jsonl" >> "$OUT/train_metrics.jsonl" 2>/dev/null
+        [ -f "/tmp/gpu_runs/ts-$k/metrics.jsonl" ] && python -c "import json, sys
+for line in open(sys.argv[2]): print(json.dumps({'run': sys.argv[1], **json.loads(line)}))" "ts-$k" "/tmp/gpu_runs/ts-$k/metrics.jsonl" >> "$OUT/train_metrics.jsonl"
         head -c 400 "/tmp/gpu_runs/ts-$k/samples.txt" 2>/dev/null; echo
     done
 else
@@ -99,6 +100,6 @@ section "kernel benchmarks: torch.compile baselines"
 BENCH_BACKENDS=compile timeout 45 bash -c "$(declare -f bench); bench -k test_kernel"
 
 section "report"
-python -m bench.report "$OUT/results" --out "$OUT/report" 2>&1 | tail -3
+python -m bench.report "$OUT/results" --out "$OUT/report" --runs /tmp/gpu_runs/ts-torch /tmp/gpu_runs/ts-triton 2>&1 | tail -3
 section "done"
 } 2>&1 | tee "$LOG"

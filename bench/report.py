@@ -2,8 +2,9 @@
 benchmark results files (default: every file under bench/results/).
 
 Sections: provenance, device peaks (table and measured), kernels (% of peak per backend), end to end
-(tokens/s, MFU, peak memory, step-time breakdown), tokenizer ratios, and the analytic FLOPs breakdown
-across model sizes and context lengths.
+(tokens/s, MFU, peak memory, step-time breakdown), tokenizer ratios, training runs given with
+``--runs`` (losses, tokens/s, MFU, and each run's training-loss gap to the first), and the analytic
+FLOPs breakdown across model sizes and context lengths.
 """
 
 from __future__ import annotations
@@ -116,7 +117,27 @@ def plot_flops(out: Path) -> Path:
     return out
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
+def training_runs_section(run_dirs: list[str | Path]) -> list[str]:
+    """Markdown lines for training runs (``python -m train`` directories): each run's losses,
+    tokens/s and MFU, and how far each run's training loss strays from the first run's at the
+    steps both logged (the backends' agreement, when the runs differ only in --kernels)."""
+    from train.sweep import run_summary, runs_table
+
+    runs = [run_summary(d) for d in run_dirs]
+    lines = ["", "## Training runs", "", runs_table(runs), ""]
+    first = runs[0]
+    for r in runs[1:]:
+        common = sorted(set(first["train_curve"]) & set(r["train_curve"]))
+        if not common:
+            continue
+        diffs = [abs(r["train_curve"][s] - first["train_curve"][s]) for s in common]
+        worst = max(range(len(common)), key=diffs.__getitem__)
+        lines.append(f"- {r['run']} vs {first['run']}: training loss differs by at most {diffs[worst]:.4f} "
+                     f"(step {common[worst]}) over {len(common)} logged steps; mean {sum(diffs) / len(diffs):.4f}")
+    return lines
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | Path] | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_results(paths)
@@ -171,6 +192,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path) -> Path:
         lines += ["", "## Tokenizer", ""]
         for r in tok:
             lines.append("- " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("file", "meta") and not isinstance(v, dict)))
+    if runs:
+        lines += training_runs_section(runs)
     plot_flops(out_dir / "flops.png")
     lines += ["", "## FLOPs breakdown (analytic, `python -m bench.flops`)", "", "![flops](flops.png)", ""]
     path = out_dir / "REPORT.md"
@@ -182,12 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
     p.add_argument("results", nargs="*", help="results files or directories (default: bench/results)")
     p.add_argument("--out", default="bench/report", help="output directory for REPORT.md and the PNGs")
+    p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
+                   help="training run directories (python -m train) to summarise and compare, first one the baseline")
     args = p.parse_args(argv)
     paths = args.results or [RESULTS_DIR]
     if not any(Path(x).exists() for x in paths):
         print(f"error: no results found at {', '.join(map(str, paths))}; run: pytest bench --benchmark-only", file=sys.stderr)
         return 1
-    print(build_report(paths, args.out))
+    missing = [r for r in args.runs or [] if not (Path(r) / "metrics.jsonl").exists()]
+    if missing:
+        print(f"note: no metrics.jsonl in {', '.join(missing)}; those runs are left out", file=sys.stderr)
+    runs = [r for r in args.runs or [] if r not in missing]
+    print(build_report(paths, args.out, runs))
     return 0
 
 

@@ -106,6 +106,33 @@ def test_report_shows_gpu_busy_and_autotuned_tiles(tmp_path):
     assert any(x.startswith("| tinystories | torch |") and "| - |" in x for x in text.splitlines())
 
 
+def test_report_compares_training_runs(tmp_path, capsys):
+    # Two runs shaped like the GPU check's (torch and triton backends, same data and seed).
+    import json
+
+    from bench.report import main as report_main
+
+    for name, losses, tps in (("ts-torch", [5.0, 4.0, 3.50], [1e5, 4e5, 5e5]), ("ts-triton", [5.0, 4.02, 3.49], [2e5, 9e5, 1e6])):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": 50 * (i + 1), "train_loss": v, "tokens_per_s": t, "mfu": t / 1e7, "wall_time": float(i)}
+                for i, (v, t) in enumerate(zip(losses, tps))]
+        rows[-1]["val_loss"] = losses[-1] + 0.1
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "summary.json").write_text(json.dumps({"status": "finished", "step": 150, "wall_time": 3.0}))
+    writer = ResultsWriter("cpu", tmp_path / "res")
+    writer.add(kind="e2e", preset="tinystories", backend="torch", batch_size=64, ms=20.0, tokens_per_s=8.0e5)
+    writer.write()
+    assert report_main([str(tmp_path / "res"), "--out", str(tmp_path / "rep"),
+                        "--runs", str(tmp_path / "ts-torch"), str(tmp_path / "ts-triton"), str(tmp_path / "nothing")]) == 0
+    assert "nothing" in capsys.readouterr().err  # a run without metrics is named and left out
+    text = (tmp_path / "rep" / "REPORT.md").read_text()
+    triton = next(x for x in text.splitlines() if x.startswith("| ts-triton |"))
+    # medians over the log intervals (the first holds compilation); final losses
+    assert "| 900000 |" in triton and "| 9.0% |" in triton and "| 3.4900 | 3.5900 |" in triton
+    assert "ts-triton vs ts-torch: training loss differs by at most 0.0200 (step 100) over 3 logged steps" in text
+
+
 def test_failing_backend_is_a_row_not_a_crash():
     case = build_cases(torch.device("cpu"), quick=True)[0]
     case.backends["broken"] = lambda *a: 1 / 0
