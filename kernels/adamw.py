@@ -149,11 +149,9 @@ def adamw_step_(
         sets = [[params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]]
         # Offsets in elements from each role's first tensor (same dtype, so whole elements).
         offsets = tuple((t.data_ptr() - s[0].data_ptr()) // t.element_size() for s in sets for t in s)
-        bases_aligned = all(s[0].data_ptr() % 16 == 0 for s in sets)
 
         def align(s) -> int:  # elements per 16 bytes if every tensor of the role starts on a 16-byte boundary
-            per = 16 // s[0].element_size()
-            return per if bases_aligned and all(t.data_ptr() % 16 == 0 for t in s) else 1
+            return 16 // s[0].element_size() if all(t.data_ptr() % 16 == 0 for t in s) else 1
 
         work, numels = tables.work(tuple(params[i].numel() for i in idx), device)
         _adamw_kernel[(work.shape[0] // 2,)](

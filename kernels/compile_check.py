@@ -44,15 +44,11 @@ def _cases() -> list[dict]:
     cases = []
     for n in (512, 4096, 16384):
         block_n, rows, warps = rms_norm._launch_params(n)
-        cases.append(dict(module="rms_norm", kernel="_rmsnorm_fwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_RES": False},
-                          num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n}"))
-        cases.append(dict(module="rms_norm", kernel="_rmsnorm_bwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": False, "HAS_DR": False},
-                          num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n}"))
-        if n <= 4096:  # the fused residual add, at model widths
-            cases.append(dict(module="rms_norm", kernel="_rmsnorm_fwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_RES": True},
-                              num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n} + residual"))
-            cases.append(dict(module="rms_norm", kernel="_rmsnorm_bwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": True, "HAS_DR": True},
-                              num_warps=warps, num_stages=2, dtype="bf16", label=f"N={n} + residual"))
+        launch = dict(module="rms_norm", num_warps=warps, num_stages=2, dtype="bf16")
+        for res in (False, True) if n <= 4096 else (False,):  # the fused residual add, at model widths
+            label = f"N={n}" + (" + residual" if res else "")
+            cases.append(dict(launch, kernel="_rmsnorm_fwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_RES": res}, label=label))
+            cases.append(dict(launch, kernel="_rmsnorm_bwd_kernel", constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": res, "HAS_DR": res}, label=label))
     for d in (32, 128):
         block_r, block_h = rope._launch_params(d)
         for inverse in (False, True):
@@ -73,8 +69,8 @@ def _cases() -> list[dict]:
     for d in (32, 64, 128):
         cases.append(dict(module="attention", kernel="_attn_bwd_preprocess_kernel", constexprs={"BLOCK_M": 64, "D": d, "BLOCK_D": d}, num_warps=4, num_stages=2, dtype="bf16", label=f"D={d}"))
     for d in (32, 64, 128):
-        for k in ("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-            for cfg in attention._bwd_configs(d >= attention.LARGE_D, k.split("_")[-2]):
+        for k, which in (("_attn_bwd_dkdv_kernel", "dkdv"), ("_attn_bwd_dq_kernel", "dq")):
+            for cfg in attention._bwd_configs(d >= attention.LARGE_D, which):
                 cases.append(dict(module="attention", kernel=k, constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, dtype="bf16", label=f"D={d} {cfg.kwargs}"))
     for single, block in ((True, 16384), (True, 32768), (False, 4096)):

@@ -77,13 +77,9 @@ def _launch_params(d: int) -> tuple[int, int]:
 
 
 def _head_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """x (..., heads, D) as (outer, heads, D) with unit last stride, a view whenever the leading
-    dims collapse (as for q, k and v unbound from one packed projection), else a copy."""
-    x = unit_last_stride(x)
-    try:
-        return x.view(-1, heads, x.shape[-1])
-    except RuntimeError:
-        return x.contiguous().view(-1, heads, x.shape[-1])
+    """x (..., heads, D) as (outer, heads, D) with unit last stride: reshape's view whenever the
+    leading dims collapse (as for q, k and v unbound from one packed projection), else its copy."""
+    return unit_last_stride(x).reshape(-1, heads, x.shape[-1])
 
 
 _inv_freq_cache: dict[tuple[float, int, torch.device], torch.Tensor] = {}
