@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import os
 import sys
@@ -41,29 +42,38 @@ def _inside_interpreter() -> bool:
     return False
 
 
-def count_step_ops(model_cfg, kernels: str, batch_size: int = 2, context: int = 32) -> collections.Counter:
-    """Ops (by name) that launch work in one training step, counted on the second step (the first
-    builds caches, e.g. the fused optimizer's tables)."""
+@contextlib.contextmanager
+def dispatched_ops(keep=None):
+    """Record the ops dispatched inside the block: yields a list that fills with their names
+    (``aten::mm``, ``fastlm::rms_norm_fwd``...), in order, views included; ``keep(func, args,
+    kwargs)`` chooses which to record. What the op count, and tests of what a step runs, rest on."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from model import TransformerLM
-    from train.optimizer import AdamW, clip_and_step
-
-    calls: list[str] = []
+    names: list[str] = []
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not _inside_interpreter():
-                calls.append(func.name())
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            if keep is None or keep(func, args, kwargs):
+                names.append(func.name())
+            return func(*args, **kwargs)
+
+    with Record():
+        yield names
+
+
+def count_step_ops(model_cfg, kernels: str, batch_size: int = 2, context: int = 32) -> collections.Counter:
+    """Ops (by name) that launch work in one training step, counted on the second step (the first
+    builds caches, e.g. the fused optimizer's tables)."""
+    from model import TransformerLM
+    from train.optimizer import AdamW, clip_and_step
 
     torch.manual_seed(0)
     model = TransformerLM(model_cfg, kernels=kernels)
     opt = AdamW(model.parameters(), lr=1e-3, fused=kernels == "triton")
     x = torch.randint(0, model_cfg.vocab_size, (batch_size, context))
     for _ in range(2):
-        calls.clear()
-        with Record():
+        with dispatched_ops(lambda *_: not _inside_interpreter()) as calls:
             # fp16: the interpreter's bf16 dot is wrong; the op sequence is the same as bf16's.
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = model(x, targets=x)

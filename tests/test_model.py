@@ -263,21 +263,16 @@ def test_unknown_backend_lists_known_ones():
 
 
 def _casts_in(fn) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from bench.op_count import dispatched_ops
 
-    class Count(TorchDispatchMode):
-        n = 0
+    def activation_cast(func, args, kwargs):
+        # fp32 -> fp16 casts of (B, T, width) activations (weights are 2-D, heads 4-D)
+        return func is torch.ops.aten._to_copy.default and args[0].dim() == 3 and args[0].dtype == torch.float32 \
+            and kwargs.get("dtype") == torch.float16
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            # fp32 -> fp16 casts of (B, T, width) activations (weights are 2-D, heads 4-D)
-            if func is torch.ops.aten._to_copy.default and args[0].dim() == 3 and args[0].dtype == torch.float32 \
-                    and (kwargs or {}).get("dtype") == torch.float16:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+    with dispatched_ops(activation_cast) as casts:
         out = fn()
-    return Count.n, out
+    return len(casts), out
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

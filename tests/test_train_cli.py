@@ -172,27 +172,28 @@ def test_train_step_reads_nothing_back_from_the_device(tmp_path, kernels, monkey
     import traceback
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bench.op_count import dispatched_ops
 
     if kernels == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     t = _trainer(tmp_path, kernels, "cpu")
-    reads = []
+    where = []
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.name() in ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::equal"):
-                where = [f.name for f in traceback.extract_stack()]
-                if "_check_tokens" not in where:
-                    reads.append((func.name(), traceback.format_stack(limit=8)[:-1]))
-            return func(*args, **(kwargs or {}))
+    def host_read(func, args, kwargs):
+        if func.name() not in ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::equal"):
+            return False
+        if "_check_tokens" in [f.name for f in traceback.extract_stack()]:
+            return False
+        where.append(traceback.format_stack(limit=8)[:-1])
+        return True
 
     loss_acc = torch.zeros(())
     micro = t.batches.micro_batches(0, 0, 1, 2, t.device)
     before = [p.detach().clone() for p in t.raw_model.parameters()]
-    with Record():
+    with dispatched_ops(host_read) as reads:
         loss, grad_norm = t.train_step(micro, loss_acc)
-    assert not reads, reads[0]
+    assert not reads, (reads[0], where[0])
     assert loss.dim() == 0 and grad_norm.dim() == 0 and loss_acc.item() > 0
     assert all(p.grad is None for p in t.raw_model.parameters())
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, t.raw_model.parameters()))

@@ -52,22 +52,16 @@ def test_triton_and_torch_backends_train_to_the_same_losses(ablation):
 def test_residual_adds_run_inside_the_norms():
     # Pre-norm, 2 layers: layer 1's ln1 norms the embeddings alone; every other norm (ln2 twice,
     # layer 2's ln1, ln_final) takes the residual add before it into its own pass.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    calls = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls.append(func.name())
-            return func(*args, **(kwargs or {}))
+    from bench.op_count import dispatched_ops
 
     m = TransformerLM(tiny(), kernels="triton").to(DEV)
     x = torch.randint(0, 101, (2, 24), device=DEV)
-    with Record():
+    with dispatched_ops() as forward:
         loss = m.loss(x, x)
-    assert "aten::add.Tensor" not in calls  # no residual add left outside the norms
-    with Record():
+    assert "aten::add.Tensor" not in forward  # no residual add left outside the norms
+    with dispatched_ops() as backward:
         loss.backward()
+    calls = forward + backward
     count = {n: calls.count(f"fastlm::{n}") for n in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd")}
     assert count == {"rms_norm_fwd": 1, "rms_norm_bwd": 1, "add_rms_norm_fwd": 4, "add_rms_norm_bwd": 4}
 
