@@ -61,8 +61,12 @@ def results(device, peaks):
     writer = ResultsWriter(device)
     if peaks["table"] is not None or peaks["copy_gbs"] is not None:
         table = peaks["table"]
-        writer.add(kind="peaks", table={f: getattr(table, f) for f in table.__slots__} if table else None,
-                   measured_copy_gbs=peaks["copy_gbs"], measured_matmul_tflops=peaks["matmul_tflops"])
+        writer.add(
+            kind="peaks",
+            table={f: getattr(table, f) for f in table.__slots__} if table else None,
+            measured_copy_gbs=peaks["copy_gbs"],
+            measured_matmul_tflops=peaks["matmul_tflops"],
+        )
     yield writer
     path = writer.write()
     if path is not None:

@@ -26,7 +26,10 @@ _PATTERNS = [
     ("swiglu", ("_swiglu",)),
     ("loss", ("_ce_fwd", "cross_entropy", "nll_loss", "log_softmax")),
     ("optimizer", ("multi_tensor", "foreach", "lerp", "addcmul", "addcdiv", "_amp_", "_adamw")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "hopper", "matmul", "wgmma")),
+    (
+        "matmul",
+        ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "hopper", "matmul", "wgmma"),
+    ),
 ]
 
 
@@ -51,7 +54,9 @@ def _compile_mode(compile: bool | str) -> str | None:
     return compile if isinstance(compile, str) else "default"
 
 
-def make_step(preset_name: str, kernels: str, device: torch.device, batch_size: int | None = None, compile: bool | str = False):
+def make_step(
+    preset_name: str, kernels: str, device: torch.device, batch_size: int | None = None, compile: bool | str = False
+):
     """A training step (forward, backward, clip, AdamW) of a preset's model; ``compile``: False, True
     (torch.compile's default mode) or a mode name from ``train.config.COMPILE_MODES``."""
     model_cfg, run = preset(preset_name)
@@ -101,14 +106,26 @@ def profile_breakdown(step, device: torch.device, steps: int = 3) -> dict[str, f
     return out
 
 
-def run_step_benchmark(preset_name: str, kernels: str, device: torch.device, compile: bool | str = False,
-                       batch_size: int | None = None, peak_flops: float | None = None,
-                       measured_peak_flops: float | None = None, breakdown: bool = True,
-                       warmup: int = 25, rep: int = 100) -> dict:
+def run_step_benchmark(
+    preset_name: str,
+    kernels: str,
+    device: torch.device,
+    compile: bool | str = False,
+    batch_size: int | None = None,
+    peak_flops: float | None = None,
+    measured_peak_flops: float | None = None,
+    breakdown: bool = True,
+    warmup: int = 25,
+    rep: int = 100,
+) -> dict:
     mode = _compile_mode(compile)
     label = "" if mode is None else ("+compile" if mode == "default" else f"+compile:{mode}")
-    row = {"kind": "e2e", "preset": preset_name, "backend": kernels + label,
-           "dtype": "bf16" if device.type == "cuda" else "fp32"}
+    row = {
+        "kind": "e2e",
+        "preset": preset_name,
+        "backend": kernels + label,
+        "dtype": "bf16" if device.type == "cuda" else "fp32",
+    }
     try:
         step, cfg, b = make_step(preset_name, kernels, device, batch_size, compile)
         step()  # compile / autotune outside the timing
@@ -116,14 +133,25 @@ def run_step_benchmark(preset_name: str, kernels: str, device: torch.device, com
         tokens = b * cfg.context_length
         tok_s = tokens / (ms * 1e-3)
         fpt = training_flops_per_token(cfg)
-        est = training_memory(cfg, b, cfg.context_length, act_bytes=2 if device.type == "cuda" else 4,
-                              fused_loss=kernels == "triton", flash_attention=kernels == "triton")
-        row.update(batch_size=b, context_length=cfg.context_length, ms=ms, tokens_per_s=tok_s,
-                   model_tflops=tok_s * fpt / 1e12,
-                   mfu=tok_s * fpt / peak_flops if peak_flops else None,
-                   mfu_measured_peak=tok_s * fpt / measured_peak_flops if measured_peak_flops else None,
-                   peak_mem_gb=(peak_memory_bytes(step, device) or 0) / 2**30 if device.type == "cuda" else None,
-                   est_peak_mem_gb=est.total / 2**30)
+        est = training_memory(
+            cfg,
+            b,
+            cfg.context_length,
+            act_bytes=2 if device.type == "cuda" else 4,
+            fused_loss=kernels == "triton",
+            flash_attention=kernels == "triton",
+        )
+        row.update(
+            batch_size=b,
+            context_length=cfg.context_length,
+            ms=ms,
+            tokens_per_s=tok_s,
+            model_tflops=tok_s * fpt / 1e12,
+            mfu=tok_s * fpt / peak_flops if peak_flops else None,
+            mfu_measured_peak=tok_s * fpt / measured_peak_flops if measured_peak_flops else None,
+            peak_mem_gb=(peak_memory_bytes(step, device) or 0) / 2**30 if device.type == "cuda" else None,
+            est_peak_mem_gb=est.total / 2**30,
+        )
         if row["peak_mem_gb"]:
             row["mem_estimate_ratio"] = row["est_peak_mem_gb"] / row["peak_mem_gb"]
         if breakdown:

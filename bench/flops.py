@@ -32,10 +32,13 @@ def flops_report(preset_name: str, seq_len: int | None = None, batch_size: int =
         "training_flops": 3 * fwd,
         "training_flops_per_token": training_flops_per_token(cfg, t),
         "memory_estimate_bytes": {
-            "params": mem.params, "grads": mem.grads, "optimizer": mem.optimizer,
-            "activations": mem.activations, "total": mem.total,
+            "params": mem.params,
+            "grads": mem.grads,
+            "optimizer": mem.optimizer,
+            "activations": mem.activations,
+            "total": mem.total,
             "assumes": "fp32 params/grads/AdamW state, bf16 activations, "
-                       + ("flash attention and the fused LM-head loss" if fused else "materialised attention scores and logits"),
+            + ("flash attention and the fused LM-head loss" if fused else "materialised attention scores and logits"),
         },
     }
 
@@ -45,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tinystories", choices=list(PRESETS))
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's context)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences (default 1)")
-    p.add_argument("--unfused", action="store_true", help="memory estimate for the torch reference (logits and scores kept)")
+    p.add_argument(
+        "--unfused", action="store_true", help="memory estimate for the torch reference (logits and scores kept)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
@@ -61,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<12} {v:.4g}  ({r['breakdown_pct'][k]:.2f}%)")
     print(f"training FLOPs (3x forward): {r['training_flops']:.4g}  = {r['training_flops_per_token']:.4g} per token")
     m = r["memory_estimate_bytes"]
-    print("peak training memory estimate: " + ", ".join(f"{k} {m[k] / 2**30:.2f} GiB" for k in ("params", "grads", "optimizer", "activations", "total")))
+    print(
+        "peak training memory estimate: "
+        + ", ".join(f"{k} {m[k] / 2**30:.2f} GiB" for k in ("params", "grads", "optimizer", "activations", "total"))
+    )
     print(f"  ({m['assumes']})")
     return 0
 

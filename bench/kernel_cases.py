@@ -8,8 +8,8 @@ per forward, halved when causal, 2.5x for the backward; LM head: 2 N d V forward
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ def _liger(name: str):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
@@ -102,23 +102,38 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
         rows = s["B"] * s["T"]
         widths = [s["d"]] + ([4096] if label == "gpt2-small" and not quick else [])
         for n in widths:
-            b = {"torch": reference.rms_norm, "compile": _compiled(reference.rms_norm),
-                 "builtin": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps)}
+            b = {
+                "torch": reference.rms_norm,
+                "compile": _compiled(reference.rms_norm),
+                "builtin": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps),
+            }
             if triton_ops:
                 b["ours"] = triton_ops.rms_norm
             _with_optional(b, "liger", _liger("rms_norm"))
-            cases.append(Case(
-                "rms_norm", f"{label} {rows}x{n}",
-                lambda dev, dt, rows=rows, n=n: [rq(rows, n, dtype=dt), rq(n, dtype=dt), 1e-5],
-                b, lambda mode, e, rows=rows, n=n: {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * rows * n * e, "GB/s"))
+            cases.append(
+                Case(
+                    "rms_norm",
+                    f"{label} {rows}x{n}",
+                    lambda dev, dt, rows=rows, n=n: [rq(rows, n, dtype=dt), rq(n, dtype=dt), 1e-5],
+                    b,
+                    lambda mode, e, rows=rows, n=n: {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * rows * n * e,
+                    "GB/s",
+                )
+            )
         b = {"torch": lambda g, u: reference.swiglu(g, u), "compile": _compiled(reference.swiglu)}
         if triton_ops:
             b["ours"] = triton_ops.swiglu
         _with_optional(b, "liger", _liger("swiglu"))
-        cases.append(Case(
-            "swiglu", f"{label} {rows}x{s['d_ff']}",
-            lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, f, dtype=dt), rq(rows, f, dtype=dt)],
-            b, lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e, "GB/s"))
+        cases.append(
+            Case(
+                "swiglu",
+                f"{label} {rows}x{s['d_ff']}",
+                lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, f, dtype=dt), rq(rows, f, dtype=dt)],
+                b,
+                lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e,
+                "GB/s",
+            )
+        )
 
         def rope_ref(q, k, pos, theta):
             return reference.rope(q, pos, theta), reference.rope(k, pos, theta)
@@ -126,29 +141,56 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
         b = {"torch": rope_ref, "compile": _compiled(rope_ref)}
         if triton_ops:
             b["ours"] = triton_ops.rope_qk
-        cases.append(Case(
-            "rope_qk", f"{label} B{s['B']} T{s['T']} H{s['H']} D{s['D']}",
-            lambda dev, dt, s=s: [rq(s["B"], s["T"], s["H"], s["D"], dtype=dt), rq(s["B"], s["T"], s["H"], s["D"], dtype=dt),
-                                  torch.arange(s["T"], device=dev)[:, None], 10000.0],
-            b, lambda mode, e, r=rows * s["H"] * s["D"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * r * e, "GB/s"))
-        b = {"torch": reference.attention, "compile": _compiled(reference.attention),
-             "builtin": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+        cases.append(
+            Case(
+                "rope_qk",
+                f"{label} B{s['B']} T{s['T']} H{s['H']} D{s['D']}",
+                lambda dev, dt, s=s: [
+                    rq(s["B"], s["T"], s["H"], s["D"], dtype=dt),
+                    rq(s["B"], s["T"], s["H"], s["D"], dtype=dt),
+                    torch.arange(s["T"], device=dev)[:, None],
+                    10000.0,
+                ],
+                b,
+                lambda mode, e, r=rows * s["H"] * s["D"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * r * e,
+                "GB/s",
+            )
+        )
+        b = {
+            "torch": reference.attention,
+            "compile": _compiled(reference.attention),
+            "builtin": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        }
         if triton_ops:
             b["ours"] = triton_ops.attention
         cases.append(_attention_case(label, s["B"], s["H"], s["T"], s["D"], b, rq))
-        b = {"torch": reference.cross_entropy, "compile": _compiled(reference.cross_entropy),
-             "builtin": lambda logits, t: F.cross_entropy(logits, t)}
+        b = {
+            "torch": reference.cross_entropy,
+            "compile": _compiled(reference.cross_entropy),
+            "builtin": lambda logits, t: F.cross_entropy(logits, t),
+        }
         if triton_ops:
             b["ours"] = triton_ops.cross_entropy
         _with_optional(b, "liger", _liger("cross_entropy"))
-        cases.append(Case(
-            "cross_entropy", f"{label} {rows}x{s['V']}",
-            lambda dev, dt, rows=rows, v=s["V"]: [rq(rows, v, dtype=dt, scale=2.0), torch.randint(0, v, (rows,), device=dev)],
-            b, lambda mode, e, n=rows * s["V"]: {"fwd": 1, "bwd": 2, "fwd+bwd": 2}[mode] * n * e, "GB/s"))
+        cases.append(
+            Case(
+                "cross_entropy",
+                f"{label} {rows}x{s['V']}",
+                lambda dev, dt, rows=rows, v=s["V"]: [
+                    rq(rows, v, dtype=dt, scale=2.0),
+                    torch.randint(0, v, (rows,), device=dev),
+                ],
+                b,
+                lambda mode, e, n=rows * s["V"]: {"fwd": 1, "bwd": 2, "fwd+bwd": 2}[mode] * n * e,
+                "GB/s",
+            )
+        )
     if not quick:
         for d in (64, 128):
-            b = {"torch": reference.attention,
-                 "builtin": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+            b = {
+                "torch": reference.attention,
+                "builtin": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            }
             if triton_ops:
                 b["ours"] = triton_ops.attention
             cases.append(_attention_case("long", 4, 2048 // d, 4096, d, b, rq))  # FA2 paper: 16K tokens, width 2048
@@ -167,10 +209,20 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
         if triton_ops:
             b["ours"] = triton_ops.linear_cross_entropy
         _with_optional(b, "liger", _liger("linear_cross_entropy"))
-        cases.append(Case(
-            "linear_cross_entropy", f"N{n} d{d} V{v}",
-            lambda dev, dt: [rq(n, d, dtype=dt), rq(v, d, dtype=dt, scale=0.02), torch.randint(0, v, (n,), device=dev)],
-            b, lambda mode, e: {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * n * d * v, "TFLOP/s"))
+        cases.append(
+            Case(
+                "linear_cross_entropy",
+                f"N{n} d{d} V{v}",
+                lambda dev, dt: [
+                    rq(n, d, dtype=dt),
+                    rq(v, d, dtype=dt, scale=0.02),
+                    torch.randint(0, v, (n,), device=dev),
+                ],
+                b,
+                lambda mode, e: {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * n * d * v,
+                "TFLOP/s",
+            )
+        )
     # Last (a time-limited run measures the ops above first): the model's fused variants. The
     # residual add fused into the norm after it, as in the pre-norm blocks: reads x and r, writes
     # h and y; the backward reads dy, dh and h and writes dx.
@@ -179,32 +231,59 @@ def build_cases(device: torch.device, quick: bool = False, presets: list[str] | 
         if triton_ops:
             b["ours"] = triton_ops.add_rms_norm
         rows = s["B"] * s["T"]
-        cases.append(Case(
-            "add_rms_norm", f"{label} {rows}x{s['d']}",
-            lambda dev, dt, rows=rows, n=s["d"]: [rq(rows, n, dtype=dt), rq(rows, n, dtype=dt), rq(n, dtype=dt), 1e-5],
-            b, lambda mode, e, n=rows * s["d"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * n * e, "GB/s"))
+        cases.append(
+            Case(
+                "add_rms_norm",
+                f"{label} {rows}x{s['d']}",
+                lambda dev, dt, rows=rows, n=s["d"]: [
+                    rq(rows, n, dtype=dt),
+                    rq(rows, n, dtype=dt),
+                    rq(n, dtype=dt),
+                    1e-5,
+                ],
+                b,
+                lambda mode, e, n=rows * s["d"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * n * e,
+                "GB/s",
+            )
+        )
         # SwiGLU on the packed [gate | up] output of the model's single w1/w3 matmul: the same
         # traffic as the two-input op, its gradient written as one (rows, 2 d_ff) tensor.
         b = {"torch": reference.swiglu_packed, "compile": _compiled(reference.swiglu_packed)}
         if triton_ops:
             b["ours"] = triton_ops.swiglu_packed
-        cases.append(Case(
-            "swiglu_packed", f"{label} {rows}x2x{s['d_ff']}",
-            lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, 2 * f, dtype=dt)],
-            b, lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e, "GB/s"))
+        cases.append(
+            Case(
+                "swiglu_packed",
+                f"{label} {rows}x2x{s['d_ff']}",
+                lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, 2 * f, dtype=dt)],
+                b,
+                lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e,
+                "GB/s",
+            )
+        )
     # The optimizer step over a preset's parameters: our fused AdamW, our foreach AdamW (what the
     # torch backend trains with) and PyTorch's own fused AdamW. Minimum traffic: read p, g, m, v
     # and write p, m, v once, fp32.
     for label in presets:
         numels = [4000, 32, 3000, 1] if quick else _param_numels(label)
-        b = {"torch": _stepper(lambda ps: AdamW(ps, lr=1e-4)), "ours": _stepper(lambda ps: AdamW(ps, lr=1e-4, fused=True)),
-             "builtin": _stepper(lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True))}
+        b = {
+            "torch": _stepper(lambda ps: AdamW(ps, lr=1e-4)),
+            "ours": _stepper(lambda ps: AdamW(ps, lr=1e-4, fused=True)),
+            "builtin": _stepper(lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        }
         if not triton_ops:
             del b["ours"]
-        cases.append(Case(
-            "adamw", f"{label} {sum(numels) / 1e6:.1f}M params in {len(numels)} tensors",
-            lambda dev, dt, numels=numels: _params_with_grads(numels, dev), b,
-            lambda mode, e, n=sum(numels): 7 * n * e, "GB/s", modes=("fwd",)))
+        cases.append(
+            Case(
+                "adamw",
+                f"{label} {sum(numels) / 1e6:.1f}M params in {len(numels)} tensors",
+                lambda dev, dt, numels=numels: _params_with_grads(numels, dev),
+                b,
+                lambda mode, e, n=sum(numels): 7 * n * e,
+                "GB/s",
+                modes=("fwd",),
+            )
+        )
     return cases
 
 
@@ -242,9 +321,14 @@ def _attention_case(label, B, H, T, D, backends, rq, modes=MODES) -> Case:
     flops = 4 * B * H * T * T * D * 0.5  # causal
 
     return Case(
-        "attention", f"{label} B{B} H{H} T{T} D{D} causal",
+        "attention",
+        f"{label} B{B} H{H} T{T} D{D} causal",
         lambda dev, dt: [rq(B, H, T, D, dtype=dt), rq(B, H, T, D, dtype=dt), rq(B, H, T, D, dtype=dt), True],
-        backends, lambda mode, e: {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode] * flops, "TFLOP/s", modes)
+        backends,
+        lambda mode, e: {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode] * flops,
+        "TFLOP/s",
+        modes,
+    )
 
 
 def scalarize(out):
@@ -253,14 +337,30 @@ def scalarize(out):
     return out
 
 
-def run_case(case: Case, backend: str, mode: str, device: torch.device, dtype: torch.dtype,
-             peak_bandwidth: float | None, peak_flops: float | None, warmup: int = 25, rep: int = 100):
+def run_case(
+    case: Case,
+    backend: str,
+    mode: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    peak_bandwidth: float | None,
+    peak_flops: float | None,
+    warmup: int = 25,
+    rep: int = 100,
+):
     """Time one (case, backend, mode); returns (result row, the timed callable or None).
 
     The row has ``error`` set when the backend cannot run the case (out of memory, unsupported)."""
     call = None
     fn = case.backends[backend]
-    row = {"kind": "kernel", "op": case.op, "shape": case.shape, "backend": backend, "mode": mode, "dtype": str(dtype).replace("torch.", "")}
+    row = {
+        "kind": "kernel",
+        "op": case.op,
+        "shape": case.shape,
+        "backend": backend,
+        "mode": mode,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     try:
         inputs = case.make(device, dtype)
         tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]

@@ -22,13 +22,34 @@ import sys
 import torch
 
 # Ops that launch no work: views, metadata, allocation, and the CPU-only token-range check.
-NO_WORK = frozenset({
-    "aten::t", "aten::view", "aten::detach", "aten::transpose.int", "aten::_unsafe_view", "aten::empty.memory_format",
-    "aten::empty_strided", "aten::set_.source_Storage", "aten::set_.source_Storage_storage_offset", "aten::new_empty",
-    "aten::unsqueeze", "aten::lift_fresh", "aten::alias", "aten::as_strided", "aten::expand", "aten::slice.Tensor",
-    "aten::select.int", "aten::unbind.int", "aten::split.Tensor", "aten::split_with_sizes", "aten::reshape",
-    "aten::_local_scalar_dense", "aten::min", "aten::max",
-})
+NO_WORK = frozenset(
+    {
+        "aten::t",
+        "aten::view",
+        "aten::detach",
+        "aten::transpose.int",
+        "aten::_unsafe_view",
+        "aten::empty.memory_format",
+        "aten::empty_strided",
+        "aten::set_.source_Storage",
+        "aten::set_.source_Storage_storage_offset",
+        "aten::new_empty",
+        "aten::unsqueeze",
+        "aten::lift_fresh",
+        "aten::alias",
+        "aten::as_strided",
+        "aten::expand",
+        "aten::slice.Tensor",
+        "aten::select.int",
+        "aten::unbind.int",
+        "aten::split.Tensor",
+        "aten::split_with_sizes",
+        "aten::reshape",
+        "aten::_local_scalar_dense",
+        "aten::min",
+        "aten::max",
+    }
+)
 
 
 def _inside_interpreter() -> bool:
@@ -92,7 +113,9 @@ def tiny_model(preset_name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.op_count", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.op_count", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="tinystories")
     p.add_argument("--kernels", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
     p.add_argument("--top", type=int, default=10, help="most frequent ops to list per backend")
@@ -101,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     # imported, so before the model is), on a GPU machine too.
     os.environ["TRITON_INTERPRET"] = "1"
     cfg = tiny_model(args.preset)
-    print(f"{args.preset}: {cfg.num_layers} layers, {cfg.num_heads} heads (widths shrunk; the count depends on structure)")
+    print(
+        f"{args.preset}: {cfg.num_layers} layers, {cfg.num_heads} heads (widths shrunk; the count depends on structure)"
+    )
     for k in args.kernels:
         ops = count_step_ops(cfg, k)
         foreach = sum(n for name, n in ops.items() if name.startswith("aten::_foreach"))

@@ -22,20 +22,71 @@ class DevicePeak:
 
 # (substrings that must all appear in the device name, lower-case) -> peak
 _TABLE: list[tuple[tuple[str, ...], DevicePeak]] = [
-    (("h100", "pcie"), DevicePeak("H100 PCIe", 756.0, 2000.0, "NVIDIA H100 datasheet (PCIe): 1513 TFLOPS bf16 with sparsity, 2.0 TB/s")),
-    (("h100", "nvl"), DevicePeak("H100 NVL", 835.0, 3900.0, "NVIDIA H100 datasheet (NVL): 1671 TFLOPS bf16 with sparsity, 3.9 TB/s")),
-    (("h100",), DevicePeak("H100 SXM", 989.4, 3350.0, "NVIDIA H100 datasheet (SXM): 1979 TFLOPS bf16 with sparsity, 3.35 TB/s")),
+    (
+        ("h100", "pcie"),
+        DevicePeak(
+            "H100 PCIe", 756.0, 2000.0, "NVIDIA H100 datasheet (PCIe): 1513 TFLOPS bf16 with sparsity, 2.0 TB/s"
+        ),
+    ),
+    (
+        ("h100", "nvl"),
+        DevicePeak("H100 NVL", 835.0, 3900.0, "NVIDIA H100 datasheet (NVL): 1671 TFLOPS bf16 with sparsity, 3.9 TB/s"),
+    ),
+    (
+        ("h100",),
+        DevicePeak("H100 SXM", 989.4, 3350.0, "NVIDIA H100 datasheet (SXM): 1979 TFLOPS bf16 with sparsity, 3.35 TB/s"),
+    ),
     # "gh200" contains "h200": the more specific entry first (first match wins)
-    (("gh200",), DevicePeak("GH200", 989.4, 4000.0, "NVIDIA GH200 datasheet: 1979 TFLOPS bf16 with sparsity, 4 TB/s HBM3")),
-    (("h200",), DevicePeak("H200", 989.4, 4800.0, "NVIDIA H200 datasheet (SXM): 1979 TFLOPS bf16 with sparsity, 4.8 TB/s")),
-    (("b200",), DevicePeak("B200", 2250.0, 8000.0, "NVIDIA HGX B200 datasheet: 4.5 PFLOPS bf16 with sparsity per GPU, 8 TB/s")),
-    (("a100", "pcie", "40"), DevicePeak("A100 PCIe 40GB", 312.0, 1555.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1555 GB/s")),
-    (("a100", "pcie"), DevicePeak("A100 PCIe 80GB", 312.0, 1935.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1935 GB/s")),
-    (("a100", "40gb"), DevicePeak("A100 SXM 40GB", 312.0, 1555.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1555 GB/s")),
+    (
+        ("gh200",),
+        DevicePeak("GH200", 989.4, 4000.0, "NVIDIA GH200 datasheet: 1979 TFLOPS bf16 with sparsity, 4 TB/s HBM3"),
+    ),
+    (
+        ("h200",),
+        DevicePeak("H200", 989.4, 4800.0, "NVIDIA H200 datasheet (SXM): 1979 TFLOPS bf16 with sparsity, 4.8 TB/s"),
+    ),
+    (
+        ("b200",),
+        DevicePeak("B200", 2250.0, 8000.0, "NVIDIA HGX B200 datasheet: 4.5 PFLOPS bf16 with sparsity per GPU, 8 TB/s"),
+    ),
+    (
+        ("a100", "pcie", "40"),
+        DevicePeak("A100 PCIe 40GB", 312.0, 1555.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1555 GB/s"),
+    ),
+    (
+        ("a100", "pcie"),
+        DevicePeak("A100 PCIe 80GB", 312.0, 1935.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1935 GB/s"),
+    ),
+    (
+        ("a100", "40gb"),
+        DevicePeak("A100 SXM 40GB", 312.0, 1555.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 1555 GB/s"),
+    ),
     (("a100",), DevicePeak("A100 SXM 80GB", 312.0, 2039.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense, 2039 GB/s")),
-    (("l40s",), DevicePeak("L40S", 362.05, 864.0, "NVIDIA L40S datasheet: 362.05 TFLOPS bf16 dense (733 with sparsity), 864 GB/s")),
-    (("rtx 5090",), DevicePeak("RTX 5090", 209.5, 1792.0, "NVIDIA RTX Blackwell GPU architecture whitepaper: 209.5 TFLOPS fp16/bf16 with fp32 accumulate (dense), 1792 GB/s")),
-    (("rtx 4090",), DevicePeak("RTX 4090", 165.2, 1008.0, "NVIDIA Ada GPU architecture whitepaper: 165.2 TFLOPS fp16/bf16 with fp32 accumulate (dense), 1008 GB/s")),
+    (
+        ("l40s",),
+        DevicePeak(
+            "L40S", 362.05, 864.0, "NVIDIA L40S datasheet: 362.05 TFLOPS bf16 dense (733 with sparsity), 864 GB/s"
+        ),
+    ),
+    (
+        ("rtx 5090",),
+        DevicePeak(
+            "RTX 5090",
+            209.5,
+            1792.0,
+            "NVIDIA RTX Blackwell GPU architecture whitepaper: 209.5 TFLOPS fp16/bf16 with fp32 accumulate "
+            "(dense), 1792 GB/s",
+        ),
+    ),
+    (
+        ("rtx 4090",),
+        DevicePeak(
+            "RTX 4090",
+            165.2,
+            1008.0,
+            "NVIDIA Ada GPU architecture whitepaper: 165.2 TFLOPS fp16/bf16 with fp32 accumulate (dense), 1008 GB/s",
+        ),
+    ),
 ]
 
 

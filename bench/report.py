@@ -25,6 +25,11 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def _row(*cells) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def _plt():
     import matplotlib
 
@@ -91,10 +96,13 @@ def plot_flops(out: Path) -> Path:
     plt = _plt()
     names = ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, (title, configs) in zip(axes, [
-        ("model size (T = 1024)", [(n, 1024) for n in names]),
-        ("context length (gpt2-xl)", [("gpt2-xl", t) for t in (256, 1024, 4096, 16384)]),
-    ]):
+    for ax, (title, configs) in zip(
+        axes,
+        [
+            ("model size (T = 1024)", [(n, 1024) for n in names]),
+            ("context length (gpt2-xl)", [("gpt2-xl", t) for t in (256, 1024, 4096, 16384)]),
+        ],
+    ):
         labels, parts = [], defaultdict(list)
         for name, t in configs:
             cfg, _ = preset(name)
@@ -132,8 +140,10 @@ def training_runs_section(run_dirs: list[str | Path]) -> list[str]:
             continue
         diffs = [abs(r["train_curve"][s] - first["train_curve"][s]) for s in common]
         worst = max(range(len(common)), key=diffs.__getitem__)
-        lines.append(f"- {r['run']} vs {first['run']}: training loss differs by at most {diffs[worst]:.4f} "
-                     f"(step {common[worst]}) over {len(common)} logged steps; mean {sum(diffs) / len(diffs):.4f}")
+        lines.append(
+            f"- {r['run']} vs {first['run']}: training loss differs by at most {diffs[worst]:.4f} "
+            f"(step {common[worst]}) over {len(common)} logged steps; mean {sum(diffs) / len(diffs):.4f}"
+        )
     return lines
 
 
@@ -142,42 +152,119 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_results(paths)
     lines = ["# Benchmark report", ""]
-    metas = sorted({(r.get("device"), r.get("torch"), r.get("triton"), (r.get("git_commit") or "")[:10], r.get("date"), r.get("file")) for r in rows})
+    metas = sorted(
+        {
+            (
+                r.get("device"),
+                r.get("torch"),
+                r.get("triton"),
+                (r.get("git_commit") or "")[:10],
+                r.get("date"),
+                r.get("file"),
+            )
+            for r in rows
+        }
+    )
     lines += ["## Provenance", "", "| device | torch | triton | commit | date | file |", "|---|---|---|---|---|---|"]
     lines += [f"| {' | '.join(map(str, m))} |" for m in metas]
     peaks = [r for r in rows if r.get("kind") == "peaks"]
     if peaks:
-        lines += ["", "## Device peaks", "", "| device | table bf16 TFLOP/s | table GB/s | measured matmul TFLOP/s | measured copy GB/s | source |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Device peaks",
+            "",
+            "| device | table bf16 TFLOP/s | table GB/s | measured matmul TFLOP/s | measured copy GB/s | source |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in peaks:
             t = p.get("table") or {}
-            lines.append(f"| {p['device']} | {_fmt(t.get('bf16_tflops'))} | {_fmt(t.get('bandwidth_gbs'))} | {_fmt(p.get('measured_matmul_tflops'))} | {_fmt(p.get('measured_copy_gbs'))} | {t.get('source', '-')} |")
+            lines.append(
+                _row(
+                    p["device"],
+                    _fmt(t.get("bf16_tflops")),
+                    _fmt(t.get("bandwidth_gbs")),
+                    _fmt(p.get("measured_matmul_tflops")),
+                    _fmt(p.get("measured_copy_gbs")),
+                    t.get("source", "-"),
+                )
+            )
     kern = [r for r in rows if r.get("kind") == "kernel"]
     if kern:
-        lines += ["", "## Kernels", "", "| op | shape | mode | backend | ms | GB/s | TFLOP/s | % of peak | peak MB | vs torch | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Kernels",
+            "",
+            "| op | shape | mode | backend | ms | GB/s | TFLOP/s | % of peak | peak MB | vs torch | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         base = {(r["op"], r["shape"], r["mode"], r["device"]): r.get("ms") for r in kern if r["backend"] == "torch"}
         for r in kern:
             ref = base.get((r["op"], r["shape"], r["mode"], r["device"]))
             speedup = ref / r["ms"] if ref and r.get("ms") else None
             note = r.get("error") or ", ".join(f"{k} {v}" for k, v in (r.get("autotuned") or {}).items())
-            lines.append(f"| {r['op']} | {r['shape']} | {r['mode']} | {r['backend']} | {_fmt(r.get('ms'), 3)} | {_fmt(r.get('gb_s'), 0)} | {_fmt(r.get('tflops'), 1)} | {_fmt(r.get('pct_of_peak'), 1)} | {_fmt(r.get('peak_mem_mb'), 0)} | {_fmt(speedup)}x | {note} |")
+            lines.append(
+                _row(
+                    r["op"],
+                    r["shape"],
+                    r["mode"],
+                    r["backend"],
+                    _fmt(r.get("ms"), 3),
+                    _fmt(r.get("gb_s"), 0),
+                    _fmt(r.get("tflops"), 1),
+                    _fmt(r.get("pct_of_peak"), 1),
+                    _fmt(r.get("peak_mem_mb"), 0),
+                    f"{_fmt(speedup)}x",
+                    note,
+                )
+            )
         if plot_kernels(kern, out_dir / "kernels.png"):
             lines += ["", "![kernels](kernels.png)"]
     e2e = [r for r in rows if r.get("kind") == "e2e"]
     if e2e:
-        lines += ["", "## End to end (one training step: forward, backward, optimizer)", "",
-                  "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB | estimated GB | matmul TFLOP/s | attention TFLOP/s | GPU busy | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## End to end (one training step: forward, backward, optimizer)",
+            "",
+            "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB "
+            "| estimated GB | matmul TFLOP/s | attention TFLOP/s | GPU busy | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in e2e:
             bt = r.get("breakdown_tflops") or {}
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
             mfu2 = f"{100 * r['mfu_measured_peak']:.1f}%" if r.get("mfu_measured_peak") else "-"
-            lines.append(f"| {r['preset']} | {r['backend']} | {r.get('batch_size', '-')} | {_fmt(r.get('ms'))} | {_fmt(r.get('tokens_per_s'), 0)} | {mfu} | {mfu2} | {_fmt(r.get('peak_mem_gb'))} | {_fmt(r.get('est_peak_mem_gb'))} | {_fmt(bt.get('matmul'), 1)} | {_fmt(bt.get('attention'), 1)} | {_fmt(r.get('device_busy_pct'), 0) + '%' if r.get('device_busy_pct') else '-'} | {r.get('error', '')} |")
-        lines += ["", "GPU busy: kernel time over step time; well under 100% means the step waits on the host "
-                  "(launch overhead), not on the GPU."]
+            busy = _fmt(r.get("device_busy_pct"), 0) + "%" if r.get("device_busy_pct") else "-"
+            lines.append(
+                _row(
+                    r["preset"],
+                    r["backend"],
+                    r.get("batch_size", "-"),
+                    _fmt(r.get("ms")),
+                    _fmt(r.get("tokens_per_s"), 0),
+                    mfu,
+                    mfu2,
+                    _fmt(r.get("peak_mem_gb")),
+                    _fmt(r.get("est_peak_mem_gb")),
+                    _fmt(bt.get("matmul"), 1),
+                    _fmt(bt.get("attention"), 1),
+                    busy,
+                    r.get("error", ""),
+                )
+            )
+        lines += [
+            "",
+            "GPU busy: kernel time over step time; well under 100% means the step waits on the host "
+            "(launch overhead), not on the GPU.",
+        ]
         comps = sorted({c for r in e2e for c in (r.get("breakdown_ms") or {})})
         if comps:
-            lines += ["", "Step time by component (device ms per step, from the profiler):", "",
-                      "| preset | backend | " + " | ".join(comps) + " |", "|---|---|" + "---|" * len(comps)]
+            lines += [
+                "",
+                "Step time by component (device ms per step, from the profiler):",
+                "",
+                "| preset | backend | " + " | ".join(comps) + " |",
+                "|---|---|" + "---|" * len(comps),
+            ]
             for r in e2e:
                 b = r.get("breakdown_ms") or {}
                 lines.append(f"| {r['preset']} | {r['backend']} | " + " | ".join(_fmt(b.get(c)) for c in comps) + " |")
@@ -191,7 +278,12 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | 
     if tok:
         lines += ["", "## Tokenizer", ""]
         for r in tok:
-            lines.append("- " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("file", "meta") and not isinstance(v, dict)))
+            lines.append(
+                "- "
+                + ", ".join(
+                    f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("file", "meta") and not isinstance(v, dict)
+                )
+            )
     if runs:
         lines += training_runs_section(runs)
     plot_flops(out_dir / "flops.png")
@@ -205,12 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
     p.add_argument("results", nargs="*", help="results files or directories (default: bench/results)")
     p.add_argument("--out", default="bench/report", help="output directory for REPORT.md and the PNGs")
-    p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
-                   help="training run directories (python -m train) to summarise and compare, first one the baseline")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="training run directories (python -m train) to summarise and compare, first one the baseline",
+    )
     args = p.parse_args(argv)
     paths = args.results or [RESULTS_DIR]
     if not any(Path(x).exists() for x in paths):
-        print(f"error: no results found at {', '.join(map(str, paths))}; run: pytest bench --benchmark-only", file=sys.stderr)
+        print(
+            f"error: no results found at {', '.join(map(str, paths))}; run: pytest bench --benchmark-only",
+            file=sys.stderr,
+        )
         return 1
     missing = [r for r in args.runs or [] if not (Path(r) / "metrics.jsonl").exists()]
     if missing:

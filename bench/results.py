@@ -47,7 +47,7 @@ def provenance(device: torch.device | str) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "git_commit": git_commit(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

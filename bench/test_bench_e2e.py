@@ -17,18 +17,30 @@ GPU_CASES = [
     ("gpt2-small", "triton", False, 16),
     ("gpt2-small", "triton", True, 16),
 ]
-if os.environ.get("BENCH_E2E"):  # e.g. BENCH_E2E=tinystories:triton:1,gpt2-small:triton:0,tinystories:triton:reduce-overhead
-    GPU_CASES = [(p, k, {"0": False, "1": True}.get(c, c), None) for p, k, c in (s.split(":") for s in os.environ["BENCH_E2E"].split(","))]
+if os.environ.get(
+    "BENCH_E2E"
+):  # e.g. BENCH_E2E=tinystories:triton:1,gpt2-small:triton:0,tinystories:triton:reduce-overhead
+    GPU_CASES = [
+        (p, k, {"0": False, "1": True}.get(c, c), None)
+        for p, k, c in (s.split(":") for s in os.environ["BENCH_E2E"].split(","))
+    ]
 
 
 @requires_gpu
 @pytest.mark.parametrize("preset_name,kernels,compile,batch", GPU_CASES, ids=lambda v: str(v))
 def test_train_step_gpu(benchmark, preset_name, kernels, compile, batch, device, peaks, results, quick):
     table = peaks["table"]
-    row = run_step_benchmark(preset_name, kernels, device, compile, batch,
-                             peak_flops=table.bf16_tflops * 1e12 if table else None,
-                             measured_peak_flops=peaks["matmul_tflops"] * 1e12 if peaks["matmul_tflops"] else None,
-                             warmup=10 if quick else 25, rep=30 if quick else 100)
+    row = run_step_benchmark(
+        preset_name,
+        kernels,
+        device,
+        compile,
+        batch,
+        peak_flops=table.bf16_tflops * 1e12 if table else None,
+        measured_peak_flops=peaks["matmul_tflops"] * 1e12 if peaks["matmul_tflops"] else None,
+        warmup=10 if quick else 25,
+        rep=30 if quick else 100,
+    )
     results.add(**row)
     benchmark.extra_info.update(row)
     benchmark.pedantic(torch.cuda.synchronize, rounds=1, iterations=1)

@@ -16,7 +16,9 @@ CASES = build_cases(torch.device("cuda"), presets=_PRESETS) if GPU else []
 _BACKENDS = [b for b in os.environ.get("BENCH_BACKENDS", "").split(",") if b] or None
 PARAMS = [
     pytest.param(case, backend, mode, id=f"{case.op}[{case.shape}]-{backend}-{mode}")
-    for case in CASES for backend in case.backends for mode in case.modes
+    for case in CASES
+    for backend in case.backends
+    for mode in case.modes
     if _BACKENDS is None or backend in _BACKENDS
 ]
 
@@ -24,9 +26,17 @@ PARAMS = [
 @requires_gpu
 @pytest.mark.parametrize("case,backend,mode", PARAMS or [pytest.param(None, None, None, id="no-gpu")])
 def test_kernel(benchmark, case, backend, mode, device, peaks, results, quick):
-    row, call = run_case(case, backend, mode, device, torch.bfloat16, peaks["copy_gbs"],
-                   peaks["matmul_tflops"] * 1e12 if peaks["matmul_tflops"] else None,
-                   warmup=10 if quick else 25, rep=30 if quick else 100)
+    row, call = run_case(
+        case,
+        backend,
+        mode,
+        device,
+        torch.bfloat16,
+        peaks["copy_gbs"],
+        peaks["matmul_tflops"] * 1e12 if peaks["matmul_tflops"] else None,
+        warmup=10 if quick else 25,
+        rep=30 if quick else 100,
+    )
     results.add(**row)
     benchmark.extra_info.update(row)
     # pytest-benchmark's own table uses the host clock (with a sync per call); the number that

@@ -49,8 +49,23 @@ def test_bpe_training_vs_hf_tokenizers(benchmark, tmp_path_factory, results, qui
     corpus = _corpus(tmp_path_factory, quick)
     out = tmp_path_factory.mktemp("bpe")
     measured = {}
-    ours_cmd = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "10000",
-                "--special-token", EOT, "--out", str(out), "--workers", str(WORKERS), "--quiet"]
+    ours_cmd = [
+        sys.executable,
+        "-m",
+        "tokenizer",
+        "train",
+        "--input",
+        str(corpus),
+        "--vocab-size",
+        "10000",
+        "--special-token",
+        EOT,
+        "--out",
+        str(out),
+        "--workers",
+        str(WORKERS),
+        "--quiet",
+    ]
     benchmark.pedantic(lambda: measured.update(ours=_run_measured(ours_cmd)), rounds=1, iterations=1)
     ours_s = measured["ours"][0]
     meta = json.loads((out / "meta.json").read_text())
@@ -62,9 +77,18 @@ def test_bpe_training_vs_hf_tokenizers(benchmark, tmp_path_factory, results, qui
     )
     env = {**os.environ, "RAYON_NUM_THREADS": str(WORKERS)}
     hf_s, hf_mem = _run_measured([sys.executable, "-c", hf_code], env=env)
-    row = dict(kind="tokenizer_train", corpus=corpus.name, corpus_mb=corpus.stat().st_size / 1e6, vocab_size=10000,
-               workers=WORKERS, ours_s=ours_s, hf_tokenizers_s=hf_s, ratio_vs_hf=ours_s / hf_s,
-               ours_peak_mb_all_processes=ours_mem, hf_peak_mb=hf_mem)
+    row = dict(
+        kind="tokenizer_train",
+        corpus=corpus.name,
+        corpus_mb=corpus.stat().st_size / 1e6,
+        vocab_size=10000,
+        workers=WORKERS,
+        ours_s=ours_s,
+        hf_tokenizers_s=hf_s,
+        ratio_vs_hf=ours_s / hf_s,
+        ours_peak_mb_all_processes=ours_mem,
+        hf_peak_mb=hf_mem,
+    )
     try:
         import rustbpe  # noqa: F401
 
@@ -92,9 +116,12 @@ def test_encoding_vs_tiktoken(benchmark, results, quick):
     mb = len(text.encode()) / 1e6
     tok = Tokenizer.from_files(GPT2 / "gpt2_vocab.json", GPT2 / "gpt2_merges.txt", [EOT])
     vocab = json.loads((GPT2 / "gpt2_vocab.json").read_text())
-    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN,
-                            mergeable_ranks={_from_printable(k): v for k, v in vocab.items() if k != EOT},
-                            special_tokens={EOT: 50256})
+    enc = tiktoken.Encoding(
+        "gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks={_from_printable(k): v for k, v in vocab.items() if k != EOT},
+        special_tokens={EOT: 50256},
+    )
     timed = {}
 
     def ours_encode():
@@ -106,14 +133,22 @@ def test_encoding_vs_tiktoken(benchmark, results, quick):
     ours, ours_s = timed["ids"], timed["s"]
     tok._cache.clear()
     t = time.perf_counter()
-    streamed = sum(1 for _ in tok.encode_iterable(text[i:i + 4096] for i in range(0, len(text), 4096)))
+    streamed = sum(1 for _ in tok.encode_iterable(text[i : i + 4096] for i in range(0, len(text), 4096)))
     stream_s = time.perf_counter() - t
     t = time.perf_counter()
     ref = enc.encode(text, allowed_special="all")
     tik_s = time.perf_counter() - t
     assert ours == ref and streamed == len(ref)
-    row = dict(kind="tokenizer_encode", corpus=CORPUS.name, mb=mb, processes=1, ours_mb_s=mb / ours_s,
-               ours_iterable_mb_s=mb / stream_s, tiktoken_mb_s=mb / tik_s, ratio_vs_tiktoken=(mb / ours_s) / (mb / tik_s),
-               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row = dict(
+        kind="tokenizer_encode",
+        corpus=CORPUS.name,
+        mb=mb,
+        processes=1,
+        ours_mb_s=mb / ours_s,
+        ours_iterable_mb_s=mb / stream_s,
+        tiktoken_mb_s=mb / tik_s,
+        ratio_vs_tiktoken=(mb / ours_s) / (mb / tik_s),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     results.add(**row)
     benchmark.extra_info.update(row)

@@ -19,7 +19,7 @@ import torch
 
 def warm(shard: int, shards: int, presets: list[str] | None, device: torch.device, quick: bool = False) -> list[str]:
     """Run our backend of every ``shards``-th kernel case (forward, and backward where benchmarked)."""
-    from bench.kernel_cases import scalarize, build_cases
+    from bench.kernel_cases import build_cases, scalarize
 
     done = []
     cases = [c for c in build_cases(device, quick=quick, presets=presets) if "ours" in c.backends]
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.warm", description=__doc__.split("\n\n")[0])
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--presets", default=os.environ.get("BENCH_PRESETS", ""), help="comma-separated (default: BENCH_PRESETS, else all)")
+    p.add_argument(
+        "--presets",
+        default=os.environ.get("BENCH_PRESETS", ""),
+        help="comma-separated (default: BENCH_PRESETS, else all)",
+    )
     args = p.parse_args(argv)
     if not 0 <= args.shard < args.shards:
         p.error(f"--shard must be in [0, {args.shards}), got {args.shard}")

@@ -21,8 +21,8 @@ Nothing here touches a GPU at import time: the triton backend is imported on fir
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kernels import reference
 

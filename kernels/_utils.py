@@ -23,7 +23,7 @@ def check_device(*tensors: torch.Tensor) -> None:
             )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

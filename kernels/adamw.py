@@ -28,10 +28,26 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _adamw_kernel(
-    p_base, g_base, m_base, v_base, work_ptr, offset_ptr, numel_ptr, n_tensors, scale_ptr,
-    decay, alpha, beta1, beta2, eps,
-    ALIGN_P: tl.constexpr, ALIGN_G: tl.constexpr, ALIGN_M: tl.constexpr, ALIGN_V: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    p_base,
+    g_base,
+    m_base,
+    v_base,
+    work_ptr,
+    offset_ptr,
+    numel_ptr,
+    n_tensors,
+    scale_ptr,
+    decay,
+    alpha,
+    beta1,
+    beta2,
+    eps,
+    ALIGN_P: tl.constexpr,
+    ALIGN_G: tl.constexpr,
+    ALIGN_M: tl.constexpr,
+    ALIGN_V: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Tensor t's elements start offset_ptr[k * n_tensors + t] elements past base k (p, g, m, v): one
     # pointer argument per role, so Triton knows its type and 16-byte alignment, plus an offset the
@@ -49,11 +65,37 @@ def _adamw_kernel(
     # Whole blocks unmasked (a mask against a size read from memory would keep every access
     # scalar); only a tensor's last, partial block is masked.
     if (blk + 1) * BLOCK <= n:
-        _update(p_base + p_off + offs, g_base + g_off + offs, m_base + m_off + offs, v_base + v_off + offs,
-                offs, n, g_scale, decay, alpha, beta1, beta2, eps, MASKED=False)
+        _update(
+            p_base + p_off + offs,
+            g_base + g_off + offs,
+            m_base + m_off + offs,
+            v_base + v_off + offs,
+            offs,
+            n,
+            g_scale,
+            decay,
+            alpha,
+            beta1,
+            beta2,
+            eps,
+            MASKED=False,
+        )
     else:
-        _update(p_base + p_off + offs, g_base + g_off + offs, m_base + m_off + offs, v_base + v_off + offs,
-                offs, n, g_scale, decay, alpha, beta1, beta2, eps, MASKED=True)
+        _update(
+            p_base + p_off + offs,
+            g_base + g_off + offs,
+            m_base + m_off + offs,
+            v_base + v_off + offs,
+            offs,
+            n,
+            g_scale,
+            decay,
+            alpha,
+            beta1,
+            beta2,
+            eps,
+            MASKED=True,
+        )
 
 
 @triton.jit
@@ -123,8 +165,18 @@ def supports(tensors: list[torch.Tensor]) -> bool:
 
 
 def adamw_step_(
-    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, tables: LaunchTables,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    tables: LaunchTables,
     grad_scale: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step, in place, for tensors sharing a step count; ``grad_scale`` (0-d device
@@ -146,7 +198,12 @@ def adamw_step_(
         idx = [i for i in idx if params[i].numel()]
         if not idx:
             continue
-        sets = [[params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]]
+        sets = [
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [exp_avgs[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx],
+        ]
         # Offsets in elements from each role's first tensor (same dtype, so whole elements).
         offsets = tuple((t.data_ptr() - s[0].data_ptr()) // t.element_size() for s in sets for t in s)
 
@@ -155,8 +212,22 @@ def adamw_step_(
 
         work, numels = tables.work(tuple(params[i].numel() for i in idx), device)
         _adamw_kernel[(work.shape[0] // 2,)](
-            *(s[0] for s in sets), work, tables.offsets(offsets, device), numels, len(idx),
-            numels if grad_scale is None else grad_scale.reshape(1), decay, alpha, beta1, beta2, eps,
-            ALIGN_P=align(sets[0]), ALIGN_G=align(sets[1]), ALIGN_M=align(sets[2]), ALIGN_V=align(sets[3]),
-            HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, num_warps=4,
+            *(s[0] for s in sets),
+            work,
+            tables.offsets(offsets, device),
+            numels,
+            len(idx),
+            numels if grad_scale is None else grad_scale.reshape(1),
+            decay,
+            alpha,
+            beta1,
+            beta2,
+            eps,
+            ALIGN_P=align(sets[0]),
+            ALIGN_G=align(sets[1]),
+            ALIGN_M=align(sets[2]),
+            ALIGN_V=align(sets[3]),
+            HAS_SCALE=grad_scale is not None,
+            BLOCK=BLOCK,
+            num_warps=4,
         )

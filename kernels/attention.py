@@ -47,15 +47,34 @@ def _tile(base, rows, stride_t, cols):
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_n, offs_d, lo, hi, T, D, qk_scale,
-    MASK_CAUSAL: tl.constexpr, MASK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    T,
+    D,
+    qk_scale,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     d_mask = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < T
-        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :] & d_mask[:, None], other=0.0)
+        k = tl.load(
+            k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :] & d_mask[:, None], other=0.0
+        )
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASK_CAUSAL:
             s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
@@ -73,14 +92,32 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    H, T, D: tl.constexpr, qk_scale,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    H,
+    T,
+    D: tl.constexpr,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -100,31 +137,119 @@ def _attn_fwd_kernel(
         # right are wholly masked and skipped (half the work of full attention).
         tl.static_assert(BLOCK_M % BLOCK_N == 0, "causal forward tiles need BLOCK_M a multiple of BLOCK_N")
         diag = start_m * BLOCK_M
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_n, offs_d, 0, diag, T, D, qk_scale,
-                                   False, False, BLOCK_N, DOT_PRECISION)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_n, offs_d, diag, tl.minimum(diag + BLOCK_M, T), T, D, qk_scale,
-                                   True, True, BLOCK_N, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            0,
+            diag,
+            T,
+            D,
+            qk_scale,
+            False,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            diag,
+            tl.minimum(diag + BLOCK_M, T),
+            T,
+            D,
+            qk_scale,
+            True,
+            True,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
     else:
         full = (T // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_n, offs_d, 0, full, T, D, qk_scale,
-                                   False, False, BLOCK_N, DOT_PRECISION)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_n, offs_d, full, T, T, D, qk_scale,
-                                   False, True, BLOCK_N, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            0,
+            full,
+            T,
+            D,
+            qk_scale,
+            False,
+            False,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_n,
+            offs_d,
+            full,
+            T,
+            T,
+            D,
+            qk_scale,
+            False,
+            True,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
     acc = acc / l_i[:, None]
-    tl.store(_tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d), acc.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(
+        _tile(_head(O, bh, H, stride_ob, stride_oh), offs_m, stride_ot, offs_d), acc.to(O.dtype.element_ty), mask=q_mask
+    )
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
-    H, T, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    H,
+    T,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -139,8 +264,25 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, offs_m0, offs_n, offs_d, d_mask,
-    stride_qt, stride_dot, T, qk_scale, in_band,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    LSE,
+    DELTA,
+    row_base,
+    start_m,
+    offs_m0,
+    offs_n,
+    offs_d,
+    d_mask,
+    stride_qt,
+    stride_dot,
+    T,
+    qk_scale,
+    in_band,
     DOT_PRECISION: tl.constexpr,
 ):
     """One query block's share of a key block's dK and dV. Rows past T load as zeros (q, dO, lse,
@@ -165,16 +307,42 @@ def _dkdv_block(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt,
-    stride_dvb, stride_dvh, stride_dvt,
-    H, T, D: tl.constexpr, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    H,
+    T,
+    D: tl.constexpr,
+    qk_scale,
+    sm_scale,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -196,17 +364,62 @@ def _attn_bwd_dkdv_kernel(
     lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
     band_hi = tl.cdiv((start_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start_m in range(lo, T, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, start_m, offs_m0, offs_n, offs_d, d_mask,
-                             stride_qt, stride_dot, T, qk_scale, start_m < band_hi, DOT_PRECISION)
+        dk, dv = _dkdv_block(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            LSE,
+            DELTA,
+            row_base,
+            start_m,
+            offs_m0,
+            offs_n,
+            offs_d,
+            d_mask,
+            stride_qt,
+            stride_dot,
+            T,
+            qk_scale,
+            start_m < band_hi,
+            DOT_PRECISION,
+        )
     dk = dk * sm_scale
-    tl.store(_tile(_head(DK, bh, H, stride_dkb, stride_dkh), offs_n, stride_dkt, offs_d), dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile(_head(DV, bh, H, stride_dvb, stride_dvh), offs_n, stride_dvt, offs_d), dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        _tile(_head(DK, bh, H, stride_dkb, stride_dkh), offs_n, stride_dkt, offs_d),
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        _tile(_head(DV, bh, H, stride_dvb, stride_dvh), offs_n, stride_dvt, offs_d),
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
 def _dq_block(
-    dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask, stride_kt, stride_vt, T, qk_scale, masked,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    start_n,
+    offs_m,
+    offs_n0,
+    offs_d,
+    d_mask,
+    stride_kt,
+    stride_vt,
+    T,
+    qk_scale,
+    masked,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One key block's share of a query block's dQ. Keys past T load as zeros, so they add nothing
     to dq = ds @ k, except that their p = exp2(-lse) can overflow for very negative scores (inf * 0):
@@ -231,15 +444,38 @@ def _dq_block(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot,
-    stride_dqb, stride_dqh, stride_dqt,
-    H, T, D: tl.constexpr, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    H,
+    T,
+    D: tl.constexpr,
+    qk_scale,
+    sm_scale,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -262,10 +498,33 @@ def _attn_bwd_dq_kernel(
     hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
     mask_from = (start_m * BLOCK_M // BLOCK_N) * BLOCK_N if CAUSAL else (T // BLOCK_N) * BLOCK_N
     for start_n in range(0, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n0, offs_d, d_mask, stride_kt, stride_vt,
-                       T, qk_scale, start_n >= mask_from, CAUSAL, DOT_PRECISION)
+        dq = _dq_block(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            start_n,
+            offs_m,
+            offs_n0,
+            offs_d,
+            d_mask,
+            stride_kt,
+            stride_vt,
+            T,
+            qk_scale,
+            start_n >= mask_from,
+            CAUSAL,
+            DOT_PRECISION,
+        )
     dq = dq * sm_scale
-    tl.store(_tile(_head(DQ, bh, H, stride_dqb, stride_dqh), offs_m, stride_dqt, offs_d), dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        _tile(_head(DQ, bh, H, stride_dqb, stride_dqh), offs_m, stride_dqt, offs_d),
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # Configs valid on both Hopper (228 KB shared memory) and RTX 5090 (sm_120, ~101 KB): configs that
@@ -279,7 +538,11 @@ def _configs(shapes) -> list:
 
 
 def _fwd_configs(large_d: bool = False):
-    return _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)] if large_d else [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)])
+    return _configs(
+        [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+        if large_d
+        else [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
+    )
 
 
 def _bwd_configs(large_d: bool = False, kernel: str = "dkdv"):
@@ -297,8 +560,13 @@ _KEY = ["T", "D", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
 # Autotuned launchers by "large head dim" (BLOCK_D >= LARGE_D).
 LARGE_D = 128
 _fwd_tuned = {large: triton.autotune(_fwd_configs(large), key=_KEY)(_attn_fwd_kernel) for large in (False, True)}
-_dkdv_tuned = {large: triton.autotune(_bwd_configs(large, "dkdv"), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)}
-_dq_tuned = {large: triton.autotune(_bwd_configs(large, "dq"), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)}
+_dkdv_tuned = {
+    large: triton.autotune(_bwd_configs(large, "dkdv"), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)
+}
+_dq_tuned = {
+    large: triton.autotune(_bwd_configs(large, "dq"), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)
+}
+
 
 def _tile_name(cfg) -> str:
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
@@ -316,7 +584,9 @@ def _tuners(head_dim: int):
 def autotuned_configs(head_dim: int) -> dict[str, str]:
     """The tile each attention autotuner for this head dim chose on its latest call, as
     "BLOCK_MxBLOCK_N wWARPS sSTAGES" (for benchmark records; empty before the first GPU call)."""
-    return {name: _tile_name(t.best_config) for name, t in _tuners(head_dim) if getattr(t, "best_config", None) is not None}
+    return {
+        name: _tile_name(t.best_config) for name, t in _tuners(head_dim) if getattr(t, "best_config", None) is not None
+    }
 
 
 def autotune_timings(head_dim: int) -> dict[str, dict[str, float]]:
@@ -348,7 +618,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def _check(q, k, v):
     check_device(q, k, v)
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"attention expects q, k, v of one (B, H, T, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            "attention expects q, k, v of one (B, H, T, D) shape; "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -390,16 +663,41 @@ def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Ten
     )
     sm_scale = 1.0 / math.sqrt(d)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), h, t, d, sm_scale * LOG2E, sm_scale)
+    dkdv_args = (
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        *common,
+        *_strides(dk),
+        *_strides(dv),
+        h,
+        t,
+        d,
+        sm_scale * LOG2E,
+        sm_scale,
+    )
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides(dq), h, t, d, sm_scale * LOG2E, sm_scale)
     if interpreting():
         bm, bn = _INTERP_BWD_BLOCKS["BLOCK_M"], _INTERP_BWD_BLOCKS["BLOCK_N"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS)
-        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](
+            *dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS
+        )
+        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](
+            *dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS
+        )
     else:
         large = block_d >= LARGE_D
-        _dkdv_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
-        _dq_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](*dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
+        _dkdv_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](
+            *dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d
+        )
+        _dq_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](
+            *dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d
+        )
     return dq, dk, dv
 
 
@@ -416,7 +714,13 @@ def _(q, k, v, causal):
 
 @torch.library.custom_op("fastlm::flash_attn_bwd", mutates_args=())
 def _attn_bwd_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, causal: bool
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attn_bwd(do, q, k, v, o, lse, causal)
 

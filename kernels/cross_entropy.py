@@ -35,7 +35,9 @@ def _grad_of(x, p, m_row, inv_s, target_p, scale):
 
 
 @triton.jit
-def _store_edge_group(logits_row, grad_row, q, lead, span, m_row, inv_s, target_p, scale, ZERO: tl.constexpr, ALIGN: tl.constexpr):
+def _store_edge_group(
+    logits_row, grad_row, q, lead, span, m_row, inv_s, target_p, scale, ZERO: tl.constexpr, ALIGN: tl.constexpr
+):
     """The row's elements in the ALIGN-element group at q, if the row covers it only in part: a
     group the row shares with a neighbour, which the vectorised stores skip (they would overwrite
     the neighbour's elements), written here one element at a time."""
@@ -51,7 +53,9 @@ def _store_edge_group(logits_row, grad_row, q, lead, span, m_row, inv_s, target_
 
 
 @triton.jit
-def _store_row_edges(logits_row, grad_row, lead, span, m_row, inv_s, target_p, scale, ZERO: tl.constexpr, ALIGN: tl.constexpr):
+def _store_row_edges(
+    logits_row, grad_row, lead, span, m_row, inv_s, target_p, scale, ZERO: tl.constexpr, ALIGN: tl.constexpr
+):
     """The first and the last group of a row (at most 2 x (ALIGN - 1) elements). A row inside one
     group is done by the first call; the second then looks at the group after it, outside the row."""
     _store_edge_group(logits_row, grad_row, 0, lead, span, m_row, inv_s, target_p, scale, ZERO, ALIGN)
@@ -74,10 +78,18 @@ def _row_masks(p, lead, span, ALIGN: tl.constexpr):
 
 @triton.jit
 def _ce_fwd_kernel(
-    logits_ptr, targets_ptr, grad_ptr, loss_ptr, n_valid_ptr,
-    stride_logits, stride_grad,
-    V, ignore_index,
-    BLOCK_V: tl.constexpr, SINGLE_PASS: tl.constexpr, ALIGN: tl.constexpr,
+    logits_ptr,
+    targets_ptr,
+    grad_ptr,
+    loss_ptr,
+    n_valid_ptr,
+    stride_logits,
+    stride_grad,
+    V,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     # Positions p below are relative to a row base. ALIGN = 1: the row start (Triton vectorises on
@@ -182,7 +194,9 @@ def _scale_unless_one_op(x: torch.Tensor, scale: torch.Tensor) -> None:
     n = x.numel()
     if n:
         block = 4096
-        _scale_unless_one_kernel[(triton.cdiv(n, block),)](x, scale.reshape(1).contiguous(), n, BLOCK=block, num_warps=8)
+        _scale_unless_one_kernel[(triton.cdiv(n, block),)](
+            x, scale.reshape(1).contiguous(), n, BLOCK=block, num_warps=8
+        )
 
 
 @_scale_unless_one_op.register_fake
@@ -211,8 +225,12 @@ def _warps(block_v: int) -> int:
 
 
 def ce_fwd_into(
-    logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, losses: torch.Tensor,
-    n_valid: torch.Tensor, ignore_index: int,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    grad: torch.Tensor,
+    losses: torch.Tensor,
+    n_valid: torch.Tensor,
+    ignore_index: int,
 ) -> None:
     """Per-row losses into ``losses`` (N,) fp32 and the mean's gradient into ``grad`` (may be ``logits``)."""
     n, v = logits.shape
@@ -225,8 +243,19 @@ def ce_fwd_into(
     single = span <= MAX_SINGLE_PASS_V
     block_v = pow2_at_least(span) if single else 4096
     _ce_fwd_kernel[(n,)](
-        logits, targets, grad, losses, n_valid, logits.stride(0), grad.stride(0), v, ignore_index,
-        BLOCK_V=block_v, SINGLE_PASS=single, ALIGN=align, num_warps=_warps(block_v),
+        logits,
+        targets,
+        grad,
+        losses,
+        n_valid,
+        logits.stride(0),
+        grad.stride(0),
+        v,
+        ignore_index,
+        BLOCK_V=block_v,
+        SINGLE_PASS=single,
+        ALIGN=align,
+        num_warps=_warps(block_v),
     )
 
 

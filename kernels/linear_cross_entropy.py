@@ -68,7 +68,9 @@ def linear_ce_fwd(x, weight, targets, ignore_index: int, chunk_size: int):
         if vp > v:
             buf[:rows, v:].fill_(float("-inf"))
         logits = torch.matmul(xc, weight.t(), out=buf[:rows, :v])
-        ce_fwd_into(buf[:rows], targets[start : start + chunk], buf[:rows], losses[start : start + chunk], n_valid, ignore_index)
+        ce_fwd_into(
+            buf[:rows], targets[start : start + chunk], buf[:rows], losses[start : start + chunk], n_valid, ignore_index
+        )
         torch.matmul(logits, weight, out=dx[start : start + chunk])
         if single:
             dw = torch.matmul(logits.t(), xc)

@@ -41,7 +41,9 @@ def scaled_dot_product_attention(
     return torch.matmul(softmax(scores, dim=-1), v)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, computed in fp32, returned in x's dtype (or ``out_dtype``)."""
     cdt = _compute_dtype(x)
     xf = x.to(cdt)
@@ -104,9 +106,7 @@ def swiglu_packed(h: torch.Tensor) -> torch.Tensor:
     return swiglu(gate, up)
 
 
-def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of logits (..., V) against integer targets (...).
 
     Stable for logits of any magnitude (log-sum-exp with the max subtracted). Targets equal to

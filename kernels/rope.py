@@ -18,10 +18,26 @@ from kernels._utils import check_device, pow2_at_least, unit_last_stride
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr,
-    stride_q, stride_qh, stride_k, stride_kh, stride_qo, stride_ko,
-    R, HALF, REPEAT, HEADS,
-    HAS_K: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    pos_ptr,
+    inv_freq_ptr,
+    stride_q,
+    stride_qh,
+    stride_k,
+    stride_kh,
+    stride_qo,
+    stride_ko,
+    R,
+    HALF,
+    REPEAT,
+    HEADS,
+    HAS_K: tl.constexpr,
+    INVERSE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -114,10 +130,27 @@ def rope_fwd(
     if r:
         block_r, block_h = _launch_params(d)
         _rope_kernel[(triton.cdiv(r, block_r),)](
-            q3, k3, qo, ko, pos, _inv_freq(theta, d, q.device),
-            q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), qo.stride(0), ko.stride(0),
-            r, d // 2, repeat, heads,
-            HAS_K=k is not None, INVERSE=inverse, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
+            q3,
+            k3,
+            qo,
+            ko,
+            pos,
+            _inv_freq(theta, d, q.device),
+            q3.stride(0),
+            q3.stride(1),
+            k3.stride(0),
+            k3.stride(1),
+            qo.stride(0),
+            ko.stride(0),
+            r,
+            d // 2,
+            repeat,
+            heads,
+            HAS_K=k is not None,
+            INVERSE=inverse,
+            BLOCK_R=block_r,
+            BLOCK_H=block_h,
+            num_warps=4,
         )
     return qo.view(q.shape), (ko.view(k.shape) if k is not None else None)
 

@@ -62,12 +62,23 @@ def _swiglu_packed_fwd_kernel(h_ptr, out_ptr, R, F, stride_h, stride_out, BLOCK_
     gate = h_ptr + rows[:, None] * stride_h + cols[None, :]
     g = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gate + F, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], _silu_mul(g, u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + rows[:, None] * stride_out + cols[None, :], _silu_mul(g, u).to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
 def _swiglu_packed_bwd_kernel(
-    dy_ptr, h_ptr, dh_ptr, R, F, stride_dy, stride_h, stride_dh, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    dy_ptr,
+    h_ptr,
+    dh_ptr,
+    R,
+    F,
+    stride_dy,
+    stride_h,
+    stride_dh,
+    BLOCK_R: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     # The gradient lands in one (R, 2F) buffer, as the packed projection's matmul wants it.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -130,7 +141,8 @@ def swiglu_packed_fwd(h: torch.Tensor) -> torch.Tensor:
     if out.numel():
         block_r, block_f = _packed_blocks(f)
         _swiglu_packed_fwd_kernel[(triton.cdiv(r, block_r), triton.cdiv(f, block_f))](
-            h2, out, r, f, h2.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+            h2, out, r, f, h2.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4
+        )
     return out.view(*h.shape[:-1], f)
 
 
@@ -142,7 +154,8 @@ def swiglu_packed_bwd(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     if dh.numel():
         block_r, block_f = _packed_blocks(f)
         _swiglu_packed_bwd_kernel[(triton.cdiv(r, block_r), triton.cdiv(f, block_f))](
-            dy2, h2, dh, r, f, dy2.stride(0), h2.stride(0), dh.stride(0), BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+            dy2, h2, dh, r, f, dy2.stride(0), h2.stride(0), dh.stride(0), BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4
+        )
     return dh.view(h.shape)
 
 

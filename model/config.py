@@ -40,13 +40,9 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
-            )
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if self.use_rope and self.head_dim % 2:
-            raise ValueError(
-                f"RoPE needs an even head dimension; d_model / num_heads = {self.head_dim}"
-            )
+            raise ValueError(f"RoPE needs an even head dimension; d_model / num_heads = {self.head_dim}")
         if self.use_rope and not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.ffn not in FFN_KINDS:

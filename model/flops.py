@@ -68,8 +68,13 @@ class MemoryEstimate:
 
 
 def training_memory(
-    c: ModelConfig, batch_size: int, seq_len: int | None = None, param_bytes: int = 4, act_bytes: int = 2,
-    fused_loss: bool = False, flash_attention: bool = False,
+    c: ModelConfig,
+    batch_size: int,
+    seq_len: int | None = None,
+    param_bytes: int = 4,
+    act_bytes: int = 2,
+    fused_loss: bool = False,
+    flash_attention: bool = False,
 ) -> MemoryEstimate:
     """Peak training memory estimate in bytes: fp32 params, grads and AdamW m, v; activations saved
     for the backward (``act_bytes`` each: 2 under bf16 autocast).
@@ -84,7 +89,7 @@ def training_memory(
     n_params = count_parameters(c)["total"]
     n = batch_size * t
     per_layer_token = (4 * c.d_model + 4 * c.d_model + 3 * c.d_ff + c.d_model) * act_bytes
-    attn = (4 if flash_attention else c.num_heads * t * act_bytes)
+    attn = 4 if flash_attention else c.num_heads * t * act_bytes
     per_token = c.num_layers * (per_layer_token + attn) + c.d_model * 4
     head = 0 if fused_loss else c.vocab_size * (act_bytes + 4)
     return MemoryEstimate(

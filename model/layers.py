@@ -58,7 +58,14 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, eps: float = 1e-5, device=None, dtype=None, *, ops: Ops | str | None = None, feeds_matmul: bool = False
+        self,
+        d_model: int,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+        *,
+        ops: Ops | str | None = None,
+        feeds_matmul: bool = False,
     ):
         super().__init__()
         self.eps = eps
@@ -161,7 +168,7 @@ class MultiHeadSelfAttention(nn.Module):
             self.rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len or 0, device, ops=self.ops)
 
     def forward(
-        self, x: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: "LayerKVCache | None" = None
+        self, x: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: LayerKVCache | None = None
     ) -> torch.Tensor:
         """x (..., T, d_model). With ``kv_cache`` the T tokens continue the cached sequence: their
         positions follow it, their keys and values are appended to it, and they attend to all of it."""
@@ -246,7 +253,9 @@ class TransformerBlock(nn.Module):
 
         def norm() -> nn.Module:
             # pre-norm: the norms' outputs feed only the projections; post-norm: they are the residual stream
-            return RMSNorm(d_model, eps, device, dtype, ops=ops, feeds_matmul=not post_norm) if use_rmsnorm else Identity()
+            return (
+                RMSNorm(d_model, eps, device, dtype, ops=ops, feeds_matmul=not post_norm) if use_rmsnorm else Identity()
+            )
 
         self.ln1 = norm()
         self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, device, dtype, ops=ops)
@@ -259,8 +268,13 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"unknown ffn kind {ffn!r}; known: swiglu, silu")
 
     def forward(
-        self, x: torch.Tensor, token_positions: torch.Tensor | None = None, kv_cache: LayerKVCache | None = None,
-        *, pending: torch.Tensor | None = None, defer_add: bool = False,
+        self,
+        x: torch.Tensor,
+        token_positions: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+        *,
+        pending: torch.Tensor | None = None,
+        defer_add: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The block's output for input x (plus ``pending``, when given).
 

@@ -42,7 +42,9 @@ class TransformerLM(nn.Module):
         )
         # Post-norm blocks already end in a norm; a final one is kept for pre-norm only (as in the handout).
         self.ln_final = (
-            RMSNorm(c.d_model, c.norm_eps, device, dtype, ops=self.ops, feeds_matmul=True) if c.use_rmsnorm and not c.post_norm else Identity()
+            RMSNorm(c.d_model, c.norm_eps, device, dtype, ops=self.ops, feeds_matmul=True)
+            if c.use_rmsnorm and not c.post_norm
+            else Identity()
         )
         self.lm_head = Linear(c.d_model, c.vocab_size, device, dtype)
 
@@ -55,9 +57,7 @@ class TransformerLM(nn.Module):
             raise ValueError("token_ids must have a sequence dimension")
         t = token_ids.shape[-1]
         if t > self.config.context_length:
-            raise ValueError(
-                f"sequence length {t} exceeds the model's context_length {self.config.context_length}"
-            )
+            raise ValueError(f"sequence length {t} exceeds the model's context_length {self.config.context_length}")
         if token_ids.dtype.is_floating_point:
             raise TypeError(f"token_ids must be integers, got {token_ids.dtype}")
         if token_ids.numel() == 0:
@@ -79,7 +79,8 @@ class TransformerLM(nn.Module):
         self._check_tokens(token_ids)
         if kv_cache is not None and kv_cache[0].length + token_ids.shape[-1] > self.config.context_length:
             raise ValueError(
-                f"{kv_cache[0].length} cached + {token_ids.shape[-1]} new tokens exceed context_length {self.config.context_length}"
+                f"{kv_cache[0].length} cached + {token_ids.shape[-1]} new tokens exceed "
+                f"context_length {self.config.context_length}"
             )
         x = self.token_embeddings(token_ids)
         if token_positions is None and self.config.use_rope:
@@ -93,7 +94,9 @@ class TransformerLM(nn.Module):
         # Pre-norm: each block's last residual add is done by the next norm (fused on triton).
         pending = None
         for i, layer in enumerate(self.layers):
-            x, pending = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None, pending=pending, defer_add=True)
+            x, pending = layer(
+                x, token_positions, kv_cache[i] if kv_cache is not None else None, pending=pending, defer_add=True
+            )
         if pending is None:  # no layers
             return self.ln_final(x)
         return self.ln_final.add_and_norm(x, pending)[1]

@@ -14,19 +14,25 @@ def assert_error_ratio(out, ref64, ref_same_dtype, ratio=2.0, rel_floor=1e-6, wh
     err = max_err(out, ref64)
     base = max_err(ref_same_dtype, ref64)
     scale = ref64.abs().max().item() or 1.0
-    assert err <= ratio * base + rel_floor * scale, f"{what}: kernel error {err:.3e} vs torch {base:.3e} (scale {scale:.3e})"
+    assert err <= ratio * base + rel_floor * scale, (
+        f"{what}: kernel error {err:.3e} vs torch {base:.3e} (scale {scale:.3e})"
+    )
 
 
 def run_with_grads(fn, inputs, dy):
     """Run fn on leaf copies of inputs, backprop dy; returns (out, grads of the float inputs)."""
-    leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    leaves = [
+        t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        for t in inputs
+    ]
     out = fn(*leaves)
     out.backward(dy.to(out.dtype) if dy is not None else None)
     return out.detach(), [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def check_op_against_reference(kernel_fn, ref_fn, inputs, dtype=torch.float32, ratio=2.0, rel_floor=1e-6, scalar=False,
-                               ref_lowp_fn=None):
+def check_op_against_reference(
+    kernel_fn, ref_fn, inputs, dtype=torch.float32, ratio=2.0, rel_floor=1e-6, scalar=False, ref_lowp_fn=None
+):
     """Forward and every input gradient of kernel_fn (in ``dtype``) against ref_fn in fp64; the
     error allowance is that of ``ref_lowp_fn`` (default ref_fn) run in ``dtype``."""
     cast = lambda dt: [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]  # noqa: E731

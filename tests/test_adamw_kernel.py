@@ -28,7 +28,9 @@ def _step_both(a, b, oa, ob, grad_dtype=None):
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_fused_matches_foreach_over_steps(wd):
     # Tensors of 1 element, exact blocks (1024, 2048), ragged tails (1025, 5003), a matrix.
-    a, b, oa, ob = _pair([(1,), (1024,), (2048,), (1025,), (5003,), (33, 17)], lr=3e-2, betas=(0.9, 0.95), weight_decay=wd)
+    a, b, oa, ob = _pair(
+        [(1,), (1024,), (2048,), (1025,), (5003,), (33, 17)], lr=3e-2, betas=(0.9, 0.95), weight_decay=wd
+    )
     for _ in range(4):
         _step_both(a, b, oa, ob)
         for x, y in zip(a, b):
@@ -136,7 +138,11 @@ def test_fused_kernel_tables_are_reused(monkeypatch):
     assert len(ob._tables._work) == 1
     launches = []
     real = adamw._adamw_kernel
-    monkeypatch.setattr(adamw, "_adamw_kernel", type("K", (), {"__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
+    monkeypatch.setattr(
+        adamw,
+        "_adamw_kernel",
+        type("K", (), {"__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})(),
+    )
     _step_both(a, b, oa, ob)
     assert launches == [(1 + 3,)]  # one launch: 1 + 3 blocks of 1024
 
@@ -144,7 +150,7 @@ def test_fused_kernel_tables_are_reused(monkeypatch):
 @pytest.mark.gpu
 def test_fused_on_gpu_large_and_without_host_sync():
     a, b, oa, ob = _pair([(3_000_001,), (1024, 1024), (5,)], lr=1e-3, weight_decay=0.1)
-    for i in range(3):
+    for _ in range(3):
         for x, y in zip(a, b):
             g = torch.randn(x.shape, device="cuda")
             x.grad, y.grad = g.clone(), g.clone()

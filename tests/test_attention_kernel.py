@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from kernel_checks import check_op_against_reference, max_err
+
 from kernels import get_ops, reference
 
 triton_ops = get_ops("triton")

@@ -72,13 +72,24 @@ def test_peak_table_lookup():
 
 def test_kernel_cases_run_on_cpu_and_results_make_a_report(tmp_path):
     cases = build_cases(torch.device("cpu"), quick=True)
-    assert {c.op for c in cases} == {"rms_norm", "add_rms_norm", "swiglu", "swiglu_packed", "rope_qk", "attention", "cross_entropy", "adamw"}
+    assert {c.op for c in cases} == {
+        "rms_norm",
+        "add_rms_norm",
+        "swiglu",
+        "swiglu_packed",
+        "rope_qk",
+        "attention",
+        "cross_entropy",
+        "adamw",
+    }
     writer = ResultsWriter("cpu", tmp_path)
     for case in cases:
         assert "ours" in case.backends  # through the interpreter here
         for backend in ("torch", "ours"):
             for mode in case.modes:
-                row, call = run_case(case, backend, mode, torch.device("cpu"), torch.float32, 10.0, 1e12, warmup=1, rep=3)
+                row, call = run_case(
+                    case, backend, mode, torch.device("cpu"), torch.float32, 10.0, 1e12, warmup=1, rep=3
+                )
                 assert "error" not in row, row
                 assert row["ms"] > 0 and (row.get("gb_s") or row.get("tflops")) > 0
                 writer.add(**row)
@@ -94,10 +105,28 @@ def test_kernel_cases_run_on_cpu_and_results_make_a_report(tmp_path):
 def test_report_shows_gpu_busy_and_autotuned_tiles(tmp_path):
     # Rows shaped like the GPU check's (written by hand: no GPU here).
     writer = ResultsWriter("cpu", tmp_path)
-    writer.add(kind="kernel", op="attention", shape="long B4 H16 T4096 D128 causal", backend="ours", mode="fwd+bwd",
-               dtype="bfloat16", ms=3.0, tflops=320.0, autotuned={"fwd": "128x64 w8 s3", "bwd_dq": "64x32 w8 s2"})
-    writer.add(kind="e2e", preset="tinystories", backend="triton", batch_size=64, ms=8.0, tokens_per_s=2.0e6,
-               mfu=0.23, breakdown_ms={"matmul": 4.0, "other": 1.2}, device_busy_pct=65.0)
+    writer.add(
+        kind="kernel",
+        op="attention",
+        shape="long B4 H16 T4096 D128 causal",
+        backend="ours",
+        mode="fwd+bwd",
+        dtype="bfloat16",
+        ms=3.0,
+        tflops=320.0,
+        autotuned={"fwd": "128x64 w8 s3", "bwd_dq": "64x32 w8 s2"},
+    )
+    writer.add(
+        kind="e2e",
+        preset="tinystories",
+        backend="triton",
+        batch_size=64,
+        ms=8.0,
+        tokens_per_s=2.0e6,
+        mfu=0.23,
+        breakdown_ms={"matmul": 4.0, "other": 1.2},
+        device_busy_pct=65.0,
+    )
     writer.add(kind="e2e", preset="tinystories", backend="torch", batch_size=64, ms=20.0, tokens_per_s=8.0e5)
     text = build_report([tmp_path], tmp_path / "rep").read_text()
     assert "fwd 128x64 w8 s3, bwd_dq 64x32 w8 s2" in text
@@ -112,19 +141,36 @@ def test_report_compares_training_runs(tmp_path, capsys):
 
     from bench.report import main as report_main
 
-    for name, losses, tps in (("ts-torch", [5.0, 4.0, 3.50], [1e5, 4e5, 5e5]), ("ts-triton", [5.0, 4.02, 3.49], [2e5, 9e5, 1e6])):
+    for name, losses, tps in (
+        ("ts-torch", [5.0, 4.0, 3.50], [1e5, 4e5, 5e5]),
+        ("ts-triton", [5.0, 4.02, 3.49], [2e5, 9e5, 1e6]),
+    ):
         run = tmp_path / name
         run.mkdir()
-        rows = [{"step": 50 * (i + 1), "train_loss": v, "tokens_per_s": t, "mfu": t / 1e7, "wall_time": float(i)}
-                for i, (v, t) in enumerate(zip(losses, tps))]
+        rows = [
+            {"step": 50 * (i + 1), "train_loss": v, "tokens_per_s": t, "mfu": t / 1e7, "wall_time": float(i)}
+            for i, (v, t) in enumerate(zip(losses, tps))
+        ]
         rows[-1]["val_loss"] = losses[-1] + 0.1
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "summary.json").write_text(json.dumps({"status": "finished", "step": 150, "wall_time": 3.0}))
     writer = ResultsWriter("cpu", tmp_path / "res")
     writer.add(kind="e2e", preset="tinystories", backend="torch", batch_size=64, ms=20.0, tokens_per_s=8.0e5)
     writer.write()
-    assert report_main([str(tmp_path / "res"), "--out", str(tmp_path / "rep"),
-                        "--runs", str(tmp_path / "ts-torch"), str(tmp_path / "ts-triton"), str(tmp_path / "nothing")]) == 0
+    assert (
+        report_main(
+            [
+                str(tmp_path / "res"),
+                "--out",
+                str(tmp_path / "rep"),
+                "--runs",
+                str(tmp_path / "ts-torch"),
+                str(tmp_path / "ts-triton"),
+                str(tmp_path / "nothing"),
+            ]
+        )
+        == 0
+    )
     assert "nothing" in capsys.readouterr().err  # a run without metrics is named and left out
     text = (tmp_path / "rep" / "REPORT.md").read_text()
     triton = next(x for x in text.splitlines() if x.startswith("| ts-triton |"))
@@ -156,7 +202,9 @@ def test_benchmark_sessions_can_share_one_results_file(tmp_path, monkeypatch):
     first = ResultsWriter("cpu", tmp_path)
     first.meta["date"] = "2026-01-01T00:00:00+00:00"  # an earlier session: its own file name
     first.add(kind="kernel", op="a", ms=1.0)
-    (tmp_path / "other.json").write_text('{"meta": {"device": "NVIDIA H100", "git_commit": "x"}, "rows": [{"kind": "e2e"}]}')
+    (tmp_path / "other.json").write_text(
+        '{"meta": {"device": "NVIDIA H100", "git_commit": "x"}, "rows": [{"kind": "e2e"}]}'
+    )
     monkeypatch.setenv("BENCH_RESULTS_APPEND", "1")
     second = ResultsWriter("cpu", tmp_path)
     second.add(kind="e2e", preset="smoke", ms=2.0)
@@ -180,7 +228,11 @@ def test_op_count_of_a_training_step():
     assert triton_ops["aten::mm"] == 3 * 4 * cfg.num_layers  # qkv, output, w1/w3, w2: forward + 2 backward each
     assert triton_ops["aten::add.Tensor"] <= 2  # gradient sums only (the embeddings feed ln1 and the stream)
     assert triton_ops["aten::copy_"] == 0  # the interpreter's own argument copies are not counted
-    assert triton_ops["aten::arange.start"] == torch_ops["aten::arange.start"] == 1  # positions built once, not per layer
-    assert sum(n for k, n in triton_ops.items() if k.startswith("aten::_foreach")) == 1  # clipping's norm (the factor is applied in AdamW)
+    assert (
+        triton_ops["aten::arange.start"] == torch_ops["aten::arange.start"] == 1
+    )  # positions built once, not per layer
+    assert (
+        sum(n for k, n in triton_ops.items() if k.startswith("aten::_foreach")) == 1
+    )  # clipping's norm (the factor is applied in AdamW)
     assert sum(triton_ops.values()) < sum(torch_ops.values()) / 2
     assert main(["--preset", "smoke", "--kernels", "torch", "--top", "3"]) == 0

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from kernel_checks import check_op_against_reference
+
 from kernels import get_ops, reference
 
 triton_ops = get_ops("triton")
@@ -18,7 +18,9 @@ def targets_for(n, v, ignored=()):
     return t
 
 
-@pytest.mark.parametrize("n,v,scale", [(7, 5003, 1.0), (5, 33, 1e4), (1, 1, 1.0), (9, 4097, 10.0), (3, 20011, 5.0), (2, 33001, 3.0)])
+@pytest.mark.parametrize(
+    "n,v,scale", [(7, 5003, 1.0), (5, 33, 1e4), (1, 1, 1.0), (9, 4097, 10.0), (3, 20011, 5.0), (2, 33001, 3.0)]
+)
 def test_cross_entropy_forward_and_grad(n, v, scale):
     logits = torch.randn(n, v, device=DEV) * scale
     t = targets_for(n, v, ignored=[0] if n > 2 else [])
@@ -91,7 +93,11 @@ def test_linear_cross_entropy_forward_and_grads(n, d, v, chunk):
     x, w = torch.randn(n, d, device=DEV), torch.randn(v, d, device=DEV) * 0.5
     t = targets_for(n, v, ignored=[1, 2] if n > 3 else [])
     check_op_against_reference(
-        lambda x, w, t: triton_ops.linear_cross_entropy(x, w, t, chunk_size=chunk) if chunk else triton_ops.linear_cross_entropy(x, w, t),
+        lambda x, w, t: (
+            triton_ops.linear_cross_entropy(x, w, t, chunk_size=chunk)
+            if chunk
+            else triton_ops.linear_cross_entropy(x, w, t)
+        ),
         reference.linear_cross_entropy,
         [x, w, t],
         scalar=True,
@@ -164,10 +170,20 @@ def test_linear_cross_entropy_flops_are_counted():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cross_entropy_low_precision_on_gpu(dtype):
     logits = torch.randn(4096, 32000, device="cuda") * 3
-    check_op_against_reference(triton_ops.cross_entropy, reference.cross_entropy, [logits, targets_for(4096, 32000, [5])], dtype=dtype, scalar=True)
+    check_op_against_reference(
+        triton_ops.cross_entropy,
+        reference.cross_entropy,
+        [logits, targets_for(4096, 32000, [5])],
+        dtype=dtype,
+        scalar=True,
+    )
     x, w = torch.randn(2048, 512, device="cuda"), torch.randn(10000, 512, device="cuda") * 0.05
     check_op_against_reference(
-        triton_ops.linear_cross_entropy, reference.linear_cross_entropy, [x, w, targets_for(2048, 10000, [3])], dtype=dtype, scalar=True
+        triton_ops.linear_cross_entropy,
+        reference.linear_cross_entropy,
+        [x, w, targets_for(2048, 10000, [3])],
+        dtype=dtype,
+        scalar=True,
     )
 
 
@@ -199,7 +215,9 @@ def test_fused_head_pads_logit_rows_to_16_columns(monkeypatch):
     monkeypatch.setattr(lce, "ce_fwd_into", spy)
     x, w = torch.randn(37, 16, device=DEV), torch.randn(5003, 16, device=DEV) * 0.3
     check_op_against_reference(
-        lambda x, w, t: triton_ops.linear_cross_entropy(x, w, t, chunk_size=16), reference.linear_cross_entropy,
-        [x, w, targets_for(37, 5003, [4])], scalar=True,
+        lambda x, w, t: triton_ops.linear_cross_entropy(x, w, t, chunk_size=16),
+        reference.linear_cross_entropy,
+        [x, w, targets_for(37, 5003, [4])],
+        scalar=True,
     )
     assert strides and all(v == 5008 and s == 5008 for v, s in strides)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from kernel_checks import check_op_against_reference, max_err
+
 from kernels import get_ops, reference
 
 triton_ops = get_ops("triton")
@@ -69,6 +69,7 @@ def _add_norm(ops, uses):
     def fn(x, r, w):
         h, y = ops.add_rms_norm(x, r, w, 1e-5)
         return {"both": lambda: torch.stack([h, y]), "y": lambda: y, "h": lambda: h}[uses]()
+
     return fn
 
 
@@ -115,7 +116,13 @@ def test_add_rms_norm_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize(
     "x_shape,pos_shape",
-    [((7, 10), (7,)), ((2, 5, 3, 6), (2, 5, 1)), ((2, 3, 9, 64), (9,)), ((1, 13, 4, 48), (1, 13, 1)), ((3, 1, 2), (3, 1))],
+    [
+        ((7, 10), (7,)),
+        ((2, 5, 3, 6), (2, 5, 1)),
+        ((2, 3, 9, 64), (9,)),
+        ((1, 13, 4, 48), (1, 13, 1)),
+        ((3, 1, 2), (3, 1)),
+    ],
 )
 def test_rope_forward_and_grads_arbitrary_positions(x_shape, pos_shape):
     pos = torch.randint(0, 2048, pos_shape, device=DEV)
@@ -196,7 +203,18 @@ def test_rope_qk_reads_views_of_a_packed_projection():
 
 
 def test_ops_register_named_custom_ops():
-    for name in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd", "rope", "rope_qk", "swiglu_fwd", "swiglu_bwd", "swiglu_packed_fwd", "swiglu_packed_bwd"):
+    for name in (
+        "rms_norm_fwd",
+        "rms_norm_bwd",
+        "add_rms_norm_fwd",
+        "add_rms_norm_bwd",
+        "rope",
+        "rope_qk",
+        "swiglu_fwd",
+        "swiglu_bwd",
+        "swiglu_packed_fwd",
+        "swiglu_packed_bwd",
+    ):
         assert hasattr(torch.ops.fastlm, name)
 
 
@@ -205,7 +223,9 @@ def test_ops_register_named_custom_ops():
 def test_low_precision_on_gpu(dtype):
     x, w = randn(4096, 1024), randn(1024) + 1
     check_op_against_reference(triton_ops.rms_norm, reference.rms_norm, [x, w, 1e-5], dtype=dtype)
-    check_op_against_reference(_add_norm(triton_ops, "both"), _add_norm(get_ops("torch"), "both"), [x, randn(4096, 1024), w], dtype=dtype)
+    check_op_against_reference(
+        _add_norm(triton_ops, "both"), _add_norm(get_ops("torch"), "both"), [x, randn(4096, 1024), w], dtype=dtype
+    )
     pos = torch.randint(0, 4096, (8, 256, 1), device=DEV)
     check_op_against_reference(triton_ops.rope, reference.rope, [randn(8, 256, 16, 64), pos, 10000.0], dtype=dtype)
     check_op_against_reference(triton_ops.swiglu, reference.swiglu, [randn(8192, 1344), randn(8192, 1344)], dtype=dtype)

@@ -129,7 +129,14 @@ def test_mhsa_matches_torch_sdpa():
         ("rope", lambda: (torch.randn(2, 3, 8, dtype=torch.float64), torch.tensor([0, 5, 9]), 100.0)),
         ("attention", lambda: tuple(torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))),
         ("cross_entropy", lambda: (torch.randn(5, 7, dtype=torch.float64), torch.tensor([0, 6, 3, -100, 2]))),
-        ("linear_cross_entropy", lambda: (torch.randn(5, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 6, 3, 1, 2]))),
+        (
+            "linear_cross_entropy",
+            lambda: (
+                torch.randn(5, 4, dtype=torch.float64),
+                torch.randn(7, 4, dtype=torch.float64),
+                torch.tensor([0, 6, 3, 1, 2]),
+            ),
+        ),
     ],
 )
 def test_reference_ops_gradcheck(fn, args):
@@ -267,8 +274,12 @@ def _casts_in(fn) -> int:
 
     def activation_cast(func, args, kwargs):
         # fp32 -> fp16 casts of (B, T, width) activations (weights are 2-D, heads 4-D)
-        return func is torch.ops.aten._to_copy.default and args[0].dim() == 3 and args[0].dtype == torch.float32 \
+        return (
+            func is torch.ops.aten._to_copy.default
+            and args[0].dim() == 3
+            and args[0].dtype == torch.float32
             and kwargs.get("dtype") == torch.float16
+        )
 
     with dispatched_ops(activation_cast) as casts:
         out = fn()

@@ -11,16 +11,27 @@ from pathlib import Path
 
 import pytest
 
-from train.sweep import array_spec, configurations, load_sweep, main as sweep_main, run_name, train_args
+from train.sweep import array_spec, configurations, load_sweep, run_name, train_args
+from train.sweep import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus.en"
 
 
 def write_sweep(tmp_path, name, grid, max_steps, **fixed):
-    lines = [f'name = "{name}"', 'preset = "smoke"', "max_concurrent = 2", "[fixed]",
-             'kernels = "torch"', 'device = "cpu"', f'train_text = "{CORPUS}"', f'data_dir = "{tmp_path / "data"}"',
-             f'out_dir = "{tmp_path / "runs"}"', f"max_steps = {max_steps}", "sample_tokens = 0"]
+    lines = [
+        f'name = "{name}"',
+        'preset = "smoke"',
+        "max_concurrent = 2",
+        "[fixed]",
+        'kernels = "torch"',
+        'device = "cpu"',
+        f'train_text = "{CORPUS}"',
+        f'data_dir = "{tmp_path / "data"}"',
+        f'out_dir = "{tmp_path / "runs"}"',
+        f"max_steps = {max_steps}",
+        "sample_tokens = 0",
+    ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in fixed.items()]
     lines += ["[grid]"] + [f"{k} = {json.dumps(v)}" for k, v in grid.items()]
     path = tmp_path / f"{name}.toml"
@@ -46,7 +57,17 @@ def test_sweep_file_decoding(tmp_path):
 
 @pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/corpus.en")
 def test_sweep_runs_locally_without_slurm_and_summarizes(tmp_path, capsys):
-    path = write_sweep(tmp_path, "loc", {"lr": [3e-3, 1e30]}, 12, log_interval=4, eval_interval=4, grad_clip=0, warmup_iters=0, min_lr=0)
+    path = write_sweep(
+        tmp_path,
+        "loc",
+        {"lr": [3e-3, 1e30]},
+        12,
+        log_interval=4,
+        eval_interval=4,
+        grad_clip=0,
+        warmup_iters=0,
+        min_lr=0,
+    )
     assert sweep_main(["run", str(path)]) == 1  # the lr=1e30 run diverges
     capsys.readouterr()
     assert sweep_main(["summarize", str(tmp_path / "runs")]) == 0
@@ -56,6 +77,7 @@ def test_sweep_runs_locally_without_slurm_and_summarizes(tmp_path, capsys):
 
 
 # --- a real Slurm cluster ---------------------------------------------------------------------
+
 
 def _slurm_available() -> str | None:
     if os.geteuid() != 0:
@@ -74,7 +96,9 @@ def slurm(tmp_path_factory):
     if why:
         pytest.skip(why)
     d = tmp_path_factory.mktemp("slurm")
-    out = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "start", str(d)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "start", str(d)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
     yield env
@@ -117,7 +141,7 @@ def test_sbatch_sweep_runs_every_configuration(slurm, tmp_path):
     logs = _logs(name, array_id)
     try:
         assert len(logs) == 3, [p.name for p in logs]
-        for i, lr in enumerate(["0.001", "0.003", "0.01"]):
+        for lr in ["0.001", "0.003", "0.01"]:
             run = tmp_path / "runs" / f"arr-lr={lr}"
             summary = json.loads((run / "summary.json").read_text())
             assert summary["status"] == "finished" and summary["step"] == 30, (run, summary)
@@ -132,7 +156,9 @@ def test_sbatch_sweep_runs_every_configuration(slurm, tmp_path):
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     steps = 150
-    path = write_sweep(tmp_path, "sig", {"lr": [3e-3]}, steps, log_interval=1, eval_interval=1000, checkpoint_interval=1000)
+    path = write_sweep(
+        tmp_path, "sig", {"lr": [3e-3]}, steps, log_interval=1, eval_interval=1000, checkpoint_interval=1000
+    )
     name = f"t-sig-{os.getpid()}"
     array_id = _submit_sweep(slurm, path, name)
     task = f"{array_id}_0"

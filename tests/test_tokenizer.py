@@ -174,8 +174,23 @@ def test_native_pretokenizer_matches_regex_on_random_unicode():
     from tokenizer import native
 
     core = native.load()
-    alphabet = list("ab Z9 '\n\t\r sdmtlvre.,!?-") + ["\u00a0", "\u2003", "é", "ß", "日", "١", "½", "🙃", "\u200d",
-                                                     "\u3000", "\x0b", "\x0c", "\x85", "\u2028", "  "]
+    alphabet = list("ab Z9 '\n\t\r sdmtlvre.,!?-") + [
+        "\u00a0",
+        "\u2003",
+        "é",
+        "ß",
+        "日",
+        "١",
+        "½",
+        "🙃",
+        "\u200d",
+        "\u3000",
+        "\x0b",
+        "\x0c",
+        "\x85",
+        "\u2028",
+        "  ",
+    ]
     rng = random.Random(0)
     for _ in range(5000):
         t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
@@ -250,16 +265,48 @@ def test_handout_worked_example():
 def test_cli_train_and_encode_identical_across_workers(tmp_path, shared_data, monkeypatch):
     monkeypatch.setattr(encode_mod, "CHUNK_BYTES", 20_000)
     tok_dir = tmp_path / "tok"
-    assert cli_main(["train", "--input", str(shared_data / "corpus.en"), "--vocab-size", "400",
-                     "--special-token", EOT, "--out", str(tok_dir), "--workers", "2", "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--input",
+                str(shared_data / "corpus.en"),
+                "--vocab-size",
+                "400",
+                "--special-token",
+                EOT,
+                "--out",
+                str(tok_dir),
+                "--workers",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tok_dir / "meta.json").read_text())["vocab_size"] == 400
     corpus = tmp_path / "corpus.txt"
     corpus.write_text((shared_data / "tinystories_sample.txt").read_text() * 20)
     outs = []
     for w in (1, 2):
         out = tmp_path / f"ids{w}.bin"
-        assert cli_main(["encode", "--tokenizer", str(tok_dir), "--input", str(corpus), "--out", str(out),
-                         "--workers", str(w), "--quiet"]) == 0
+        assert (
+            cli_main(
+                [
+                    "encode",
+                    "--tokenizer",
+                    str(tok_dir),
+                    "--input",
+                    str(corpus),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    str(w),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     meta = json.loads((tmp_path / "ids1.bin.json").read_text())
@@ -280,7 +327,35 @@ def test_encode_to_a_missing_directory_writes_nothing(tmp_path, shared_data):
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert cli_main(["train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    assert (
+        cli_main(
+            [
+                "train",
+                "--input",
+                str(tmp_path / "nope.txt"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     assert "not found" in capsys.readouterr().err
     (tmp_path / "t.txt").write_text("hi")
-    assert cli_main(["encode", "--tokenizer", str(tmp_path / "none"), "--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o.bin"), "--quiet"]) == 1
+    assert (
+        cli_main(
+            [
+                "encode",
+                "--tokenizer",
+                str(tmp_path / "none"),
+                "--input",
+                str(tmp_path / "t.txt"),
+                "--out",
+                str(tmp_path / "o.bin"),
+                "--quiet",
+            ]
+        )
+        == 1
+    )

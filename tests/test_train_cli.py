@@ -32,17 +32,60 @@ def token_file(tmp_path_factory, shared_data):
     from tokenizer.cli import main as tok_main
 
     d = tmp_path_factory.mktemp("tok")
-    assert tok_main(["train", "--input", str(shared_data / "corpus.en"), "--vocab-size", "512",
-                     "--special-token", "<|endoftext|>", "--out", str(d / "tok"), "--quiet"]) == 0
-    assert tok_main(["encode", "--tokenizer", str(d / "tok"), "--input", str(shared_data / "corpus.en"),
-                     "--out", str(d / "train.bin"), "--quiet"]) == 0
+    assert (
+        tok_main(
+            [
+                "train",
+                "--input",
+                str(shared_data / "corpus.en"),
+                "--vocab-size",
+                "512",
+                "--special-token",
+                "<|endoftext|>",
+                "--out",
+                str(d / "tok"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        tok_main(
+            [
+                "encode",
+                "--tokenizer",
+                str(d / "tok"),
+                "--input",
+                str(shared_data / "corpus.en"),
+                "--out",
+                str(d / "train.bin"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return d / "train.bin"
 
 
 def test_smoke_from_text_end_to_end(tmp_path, shared_data):
-    args = SMOKE + ["--train-text", str(shared_data / "corpus.en"), "--data-dir", str(tmp_path / "data"),
-                    "--out-dir", str(tmp_path / "runs"), "--run-name", "r", "--max-steps", "30",
-                    "--eval-interval", "10", "--log-interval", "10", "--sample-tokens", "8"]
+    args = SMOKE + [
+        "--train-text",
+        str(shared_data / "corpus.en"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "r",
+        "--max-steps",
+        "30",
+        "--eval-interval",
+        "10",
+        "--log-interval",
+        "10",
+        "--sample-tokens",
+        "8",
+    ]
     assert train_main(args) == 0
     run = tmp_path / "runs" / "r"
     rows = metrics(run)
@@ -60,9 +103,25 @@ def test_smoke_from_text_end_to_end(tmp_path, shared_data):
 
 
 def _run(tmp_path, token_file, name, *extra):
-    args = SMOKE + ["--train-data", str(token_file), "--out-dir", str(tmp_path), "--run-name", name,
-                    "--lr-decay-iters", "12", "--log-interval", "1", "--eval-interval", "100",
-                    "--sample-tokens", "0", "--checkpoint-interval", "4", *extra]
+    args = SMOKE + [
+        "--train-data",
+        str(token_file),
+        "--out-dir",
+        str(tmp_path),
+        "--run-name",
+        name,
+        "--lr-decay-iters",
+        "12",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100",
+        "--sample-tokens",
+        "0",
+        "--checkpoint-interval",
+        "4",
+        *extra,
+    ]
     return train_main(args)
 
 
@@ -90,9 +149,30 @@ def test_resume_gives_the_same_losses(tmp_path, token_file, one_thread):
 
 
 def test_sigusr1_checkpoints_and_resume_completes(tmp_path, token_file):
-    cmd = [sys.executable, "-m", "train", *SMOKE, "--train-data", str(token_file), "--out-dir", str(tmp_path),
-           "--run-name", "sig", "--max-steps", "400", "--log-interval", "1", "--eval-interval", "1000",
-           "--sample-tokens", "0", "--checkpoint-interval", "1000", "--lr-decay-iters", "400"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        *SMOKE,
+        "--train-data",
+        str(token_file),
+        "--out-dir",
+        str(tmp_path),
+        "--run-name",
+        "sig",
+        "--max-steps",
+        "400",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "1000",
+        "--sample-tokens",
+        "0",
+        "--checkpoint-interval",
+        "1000",
+        "--lr-decay-iters",
+        "400",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     mfile = tmp_path / "sig" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -107,24 +187,54 @@ def test_sigusr1_checkpoints_and_resume_completes(tmp_path, token_file):
     assert 3 <= stopped_at < 400
     assert json.loads((tmp_path / "sig" / "summary.json").read_text())["status"] == "interrupted by SIGUSR1"
     # Resume with a shorter total so the test stays quick; the steps continue where they stopped.
-    done = subprocess.run([*cmd[:cmd.index("--max-steps") + 1], str(stopped_at + 5), *cmd[cmd.index("--max-steps") + 2:]],
-                          cwd=ROOT, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [*cmd[: cmd.index("--max-steps") + 1], str(stopped_at + 5), *cmd[cmd.index("--max-steps") + 2 :]],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr.decode()
     steps = [r["step"] for r in metrics(tmp_path / "sig")]
     assert steps == list(range(1, stopped_at + 6))
 
 
 def test_non_finite_loss_stops_with_a_message(tmp_path, token_file, capsys):
-    code = _run(tmp_path, token_file, "nan", "--max-steps", "40", "--lr", "1e30", "--min-lr", "1e29",
-                "--grad-clip", "0", "--warmup-iters", "0")
+    code = _run(
+        tmp_path,
+        token_file,
+        "nan",
+        "--max-steps",
+        "40",
+        "--lr",
+        "1e30",
+        "--min-lr",
+        "1e29",
+        "--grad-clip",
+        "0",
+        "--warmup-iters",
+        "0",
+    )
     assert code == 2
     assert "non-finite training loss" in capsys.readouterr().err
 
 
 def test_triton_without_gpu_points_to_torch(tmp_path, token_file, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    code = train_main(["--preset", "smoke", "--kernels", "triton", "--device", "cpu", "--quiet",
-                       "--train-data", str(token_file), "--out-dir", str(tmp_path)])
+    code = train_main(
+        [
+            "--preset",
+            "smoke",
+            "--kernels",
+            "triton",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--train-data",
+            str(token_file),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 1
     assert "--kernels torch" in capsys.readouterr().err
 
@@ -137,10 +247,35 @@ def test_triton_kernels_train_with_the_fused_optimizer(tmp_path, token_file, mon
     real = adamw.adamw_step_
     monkeypatch.setattr(adamw, "adamw_step_", lambda *a, **kw: (calls.append(kw["step"]), real(*a, **kw))[1])
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    code = train_main(["--preset", "smoke", "--kernels", "triton", "--device", "cpu", "--quiet",
-                       "--train-data", str(token_file), "--out-dir", str(tmp_path), "--run-name", "tri",
-                       "--max-steps", "2", "--batch-size", "2", "--context-length", "32", "--eval-interval", "100",
-                       "--sample-tokens", "0", "--log-interval", "1"])
+    code = train_main(
+        [
+            "--preset",
+            "smoke",
+            "--kernels",
+            "triton",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--train-data",
+            str(token_file),
+            "--out-dir",
+            str(tmp_path),
+            "--run-name",
+            "tri",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--context-length",
+            "32",
+            "--eval-interval",
+            "100",
+            "--sample-tokens",
+            "0",
+            "--log-interval",
+            "1",
+        ]
+    )
     assert code == 0
     assert calls == [1, 2]  # one fused call a step: every parameter at the same step count
     losses = [r["train_loss"] for r in metrics(tmp_path / "tri") if "train_loss" in r]
@@ -154,10 +289,31 @@ def _trainer(tmp_path, kernels, device, *extra):
     token_file = tmp_path / "random.bin"
     np.random.default_rng(0).integers(0, 512, 20_000).astype(np.uint16).tofile(token_file)
 
-    _, model_cfg, run_cfg, _ = resolve(["--preset", "smoke", "--kernels", kernels, "--device", device,
-                                        "--train-data", str(token_file), "--out-dir", str(tmp_path),
-                                        "--run-name", f"sync-{kernels}", "--max-steps", "4", "--grad-accum", "2",
-                                        "--batch-size", "4", "--context-length", "32", *extra])
+    _, model_cfg, run_cfg, _ = resolve(
+        [
+            "--preset",
+            "smoke",
+            "--kernels",
+            kernels,
+            "--device",
+            device,
+            "--train-data",
+            str(token_file),
+            "--out-dir",
+            str(tmp_path),
+            "--run-name",
+            f"sync-{kernels}",
+            "--max-steps",
+            "4",
+            "--grad-accum",
+            "2",
+            "--batch-size",
+            "4",
+            "--context-length",
+            "32",
+            *extra,
+        ]
+    )
     t = Trainer(model_cfg, run_cfg, "smoke", progress=False)
     t.setup()
     return t
@@ -229,7 +385,7 @@ def test_no_data_error_says_what_to_pass(tmp_path, capsys):
 
 def test_config_file_and_flags_override_the_preset(tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[model]\nd_model = 96\nnum_heads = 4\n[run]\nlr = 0.01\n')
+    cfg.write_text("[model]\nd_model = 96\nnum_heads = 4\n[run]\nlr = 0.01\n")
     _, model, run, _ = resolve(["--preset", "smoke", "--config", str(cfg), "--lr", "0.02", "--no-use-rope"])
     assert model.d_model == 96 and model.use_rope is False and run.lr == 0.02
     with pytest.raises(ValueError, match="divisible"):
@@ -256,7 +412,15 @@ def test_compile_mode_flag_reaches_torch_compile(monkeypatch):
 
 def test_presets_match_the_handout():
     _, m, r, _ = resolve(["--preset", "tinystories"])
-    assert (m.vocab_size, m.context_length, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.rope_theta) == (10000, 256, 512, 4, 16, 1344, 10000.0)
+    assert (m.vocab_size, m.context_length, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.rope_theta) == (
+        10000,
+        256,
+        512,
+        4,
+        16,
+        1344,
+        10000.0,
+    )
     assert r.batch_size == 64 and r.max_tokens == 327_680_000
     _, xl, _, _ = resolve(["--preset", "gpt2-xl"])
     assert (xl.d_model, xl.num_layers, xl.num_heads, xl.d_ff) == (1600, 48, 25, 6400)
@@ -329,9 +493,25 @@ def test_dataset_download_via_mirror_then_train(tmp_path, http_root, shared_data
     (base / "owt_valid.txt.gz").write_bytes(gzip.compress(text[100_000:].encode()))
     train_txt, valid_txt = fetch_dataset("owt", tmp_path / "data", mirror=url, progress=False)
     assert train_txt.read_text() == text[:100_000]
-    code = train_main(SMOKE + ["--dataset", "owt", "--dataset-mirror", url, "--data-dir", str(tmp_path / "data"),
-                               "--out-dir", str(tmp_path / "runs"), "--run-name", "owt", "--max-steps", "5",
-                               "--sample-tokens", "0"])
+    code = train_main(
+        SMOKE
+        + [
+            "--dataset",
+            "owt",
+            "--dataset-mirror",
+            url,
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out-dir",
+            str(tmp_path / "runs"),
+            "--run-name",
+            "owt",
+            "--max-steps",
+            "5",
+            "--sample-tokens",
+            "0",
+        ]
+    )
     assert code == 0
 
 
@@ -341,13 +521,46 @@ def test_dataset_without_network_explains(tmp_path):
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, token_file):
-    common = ["-m", "train", *SMOKE, "--train-data", str(token_file), "--max-steps", "4", "--log-interval", "1",
-              "--eval-interval", "100", "--sample-tokens", "0", "--batch-size", "8", "--out-dir", str(tmp_path)]
+    common = [
+        "-m",
+        "train",
+        *SMOKE,
+        "--train-data",
+        str(token_file),
+        "--max-steps",
+        "4",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100",
+        "--sample-tokens",
+        "0",
+        "--batch-size",
+        "8",
+        "--out-dir",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *common, "--run-name", "one"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, *common, "--run-name", "one"], cwd=ROOT, env=env, capture_output=True, timeout=300
+    )
     assert one.returncode == 0, one.stderr.decode()
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          *common, "--run-name", "two"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            *common,
+            "--run-name",
+            "two",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr.decode()[-3000:]
     a = [r["train_loss"] for r in metrics(tmp_path / "one")]
     b = [r["train_loss"] for r in metrics(tmp_path / "two")]
@@ -356,16 +569,43 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, token_file):
 
 
 def test_fsdp_two_gloo_processes_match_one_process_and_resume(tmp_path, token_file):
-    common = ["-m", "train", *SMOKE, "--train-data", str(token_file), "--log-interval", "1", "--eval-interval", "100",
-              "--sample-tokens", "0", "--batch-size", "8", "--checkpoint-interval", "2", "--out-dir", str(tmp_path)]
+    common = [
+        "-m",
+        "train",
+        *SMOKE,
+        "--train-data",
+        str(token_file),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100",
+        "--sample-tokens",
+        "0",
+        "--batch-size",
+        "8",
+        "--checkpoint-interval",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *common, "--max-steps", "6", "--run-name", "one"], cwd=ROOT, env=env,
-                         capture_output=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, *common, "--max-steps", "6", "--run-name", "one"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr.decode()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534"]
     for steps in ("4", "6"):  # the second run resumes the sharded run from its full checkpoint
-        r = subprocess.run([*torchrun, *common, "--max-steps", steps, "--run-name", "fsdp", "--fsdp"], cwd=ROOT, env=env,
-                           capture_output=True, timeout=300)
+        r = subprocess.run(
+            [*torchrun, *common, "--max-steps", steps, "--run-name", "fsdp", "--fsdp"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr.decode()[-3000:]
     a = [r["train_loss"] for r in metrics(tmp_path / "one")]
     b = [r["train_loss"] for r in metrics(tmp_path / "fsdp")]
@@ -399,13 +639,49 @@ def test_generate_and_plot_commands(tmp_path, shared_data, capsys):
     from train.plot import main as plot_main
 
     run = tmp_path / "runs" / "g"
-    assert train_main(SMOKE + ["--train-text", str(shared_data / "corpus.en"), "--data-dir", str(tmp_path / "data"),
-                               "--out-dir", str(tmp_path / "runs"), "--run-name", "g", "--max-steps", "20",
-                               "--log-interval", "5", "--eval-interval", "10", "--sample-tokens", "0"]) == 0
+    assert (
+        train_main(
+            SMOKE
+            + [
+                "--train-text",
+                str(shared_data / "corpus.en"),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--run-name",
+                "g",
+                "--max-steps",
+                "20",
+                "--log-interval",
+                "5",
+                "--eval-interval",
+                "10",
+                "--sample-tokens",
+                "0",
+            ]
+        )
+        == 0
+    )
     ckpt = sorted((run / "checkpoints").glob("*.pt"))[-1]
     capsys.readouterr()
-    assert generate_main(["--checkpoint", str(ckpt), "--prompt", "The history of", "--max-new-tokens", "12",
-                          "--num-samples", "2", "--device", "cpu"]) == 0
+    assert (
+        generate_main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--prompt",
+                "The history of",
+                "--max-new-tokens",
+                "12",
+                "--num-samples",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("The history of") == 2
     assert generate_main(["--checkpoint", str(tmp_path / "none.pt")]) == 1

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from kernel_checks import max_err
+
 from model import ModelConfig, TransformerLM
 from train import AdamW, get_batch
 from train.optimizer import clip_and_step
@@ -62,7 +62,9 @@ def test_residual_adds_run_inside_the_norms():
     with dispatched_ops() as backward:
         loss.backward()
     calls = forward + backward
-    count = {n: calls.count(f"fastlm::{n}") for n in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd")}
+    count = {
+        n: calls.count(f"fastlm::{n}") for n in ("rms_norm_fwd", "rms_norm_bwd", "add_rms_norm_fwd", "add_rms_norm_bwd")
+    }
     assert count == {"rms_norm_fwd": 1, "rms_norm_bwd": 1, "add_rms_norm_fwd": 4, "add_rms_norm_bwd": 4}
 
 
@@ -107,10 +109,13 @@ def test_backends_agree_under_autocast():
         assert max_err(q.grad, p.grad) < 3e-2 * p.grad.abs().max().item() + 1e-4, name
 
 
-@pytest.mark.parametrize("where", [
-    pytest.param("cpu", marks=pytest.mark.skipif(DEV == "cuda", reason="the GPU variant runs instead")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-])
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param("cpu", marks=pytest.mark.skipif(DEV == "cuda", reason="the GPU variant runs instead")),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
 def test_low_precision_loss_curves_stay_within_the_reference_noise(where):
     # The triton backend's low-precision training curve may differ from fp32 training only as much
     # as the torch backend's own low-precision curve does (flash-attention's error-ratio rule, on a

@@ -20,7 +20,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tokenizer import native
-from tokenizer.pretokenize import PRETOKEN_RE, boundary_token, chunk_boundaries, read_text, special_splitter, split_on_specials
+from tokenizer.pretokenize import (
+    PRETOKEN_RE,
+    boundary_token,
+    chunk_boundaries,
+    read_text,
+    special_splitter,
+    split_on_specials,
+)
 
 CHUNK_BYTES = 8 * 2**20  # per piece for the process pool (each piece costs a process round trip)
 NATIVE_CHUNK_BYTES = 2 * 2**20  # per piece for the threads: small pieces keep peak memory low
@@ -42,7 +49,10 @@ def _count_chunk(args: tuple[str, int, int, tuple[str, ...], bool]) -> Counter:
 
 
 def count_pretokens(
-    input_path: str | os.PathLike, special_tokens: list[str], num_workers: int | None = None, progress: bool = False,
+    input_path: str | os.PathLike,
+    special_tokens: list[str],
+    num_workers: int | None = None,
+    progress: bool = False,
     use_native: bool = True,
 ) -> Counter:
     """Counts of every pretoken (as UTF-8 bytes) in the file, documents split on the special tokens.
@@ -78,7 +88,7 @@ class _Desc:
     def __init__(self, key: tuple[bytes, bytes]):
         self.key = key
 
-    def __lt__(self, other: "_Desc") -> bool:
+    def __lt__(self, other: _Desc) -> bool:
         return self.key > other.key
 
     def __eq__(self, other: object) -> bool:
@@ -168,9 +178,7 @@ def train_bpe(
     if path.stat().st_size == 0:
         raise ValueError(f"training corpus is empty: {path}")
     if vocab_size < 256 + len(special_tokens):
-        raise ValueError(
-            f"vocab_size {vocab_size} is below 256 byte tokens + {len(special_tokens)} special tokens"
-        )
+        raise ValueError(f"vocab_size {vocab_size} is below 256 byte tokens + {len(special_tokens)} special tokens")
     counts = count_pretokens(path, special_tokens, num_workers, progress, use_native)
     if not counts:
         raise ValueError(f"training corpus has no text outside special tokens: {path}")

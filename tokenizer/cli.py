@@ -72,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a byte-level BPE on a UTF-8 text file")
     t.add_argument("--input", required=True, help="UTF-8 training corpus")
     t.add_argument("--vocab-size", type=int, required=True, help="final vocab size (256 bytes + merges + specials)")
-    t.add_argument("--special-token", action="append", default=[], help="a special token (repeatable), e.g. '<|endoftext|>'")
-    t.add_argument("--out", required=True, help="output directory (vocab.json, merges.txt, special_tokens.json, meta.json)")
+    t.add_argument(
+        "--special-token", action="append", default=[], help="a special token (repeatable), e.g. '<|endoftext|>'"
+    )
+    t.add_argument(
+        "--out", required=True, help="output directory (vocab.json, merges.txt, special_tokens.json, meta.json)"
+    )
     t.add_argument("--workers", type=int, default=None, help="pretokenization processes (default: all cores)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)

@@ -57,7 +57,7 @@ def _pybind11_include() -> str:
             raise RuntimeError("pybind11 headers not found (pip install pybind11)") from None
         inc = Path(spec.submodule_search_locations[0]) / "include"
         if not (inc / "pybind11").is_dir():
-            raise RuntimeError("pybind11 headers not found (pip install pybind11)")
+            raise RuntimeError("pybind11 headers not found (pip install pybind11)") from None
         return str(inc)
 
 
@@ -79,8 +79,20 @@ def build(cache_dir: Path | None = None) -> Path:
         if out.exists():
             return out
         tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-        cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-DTORCH_EXTENSION_NAME={NAME}",
-               f"-I{sysconfig.get_paths()['include']}", f"-I{_pybind11_include()}", str(SOURCE), "-o", str(tmp)]
+        cmd = [
+            cxx,
+            "-O3",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            f"-DTORCH_EXTENSION_NAME={NAME}",
+            f"-I{sysconfig.get_paths()['include']}",
+            f"-I{_pybind11_include()}",
+            str(SOURCE),
+            "-o",
+            str(tmp),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{r.stderr[-2000:]}")
@@ -107,6 +119,8 @@ def load():
             mod.set_char_classes(char_class_table())
             _module = mod
         except Exception as e:
-            warnings.warn(f"compiled BPE core unavailable ({type(e).__name__}: {e}); using the pure-Python path", stacklevel=2)
+            warnings.warn(
+                f"compiled BPE core unavailable ({type(e).__name__}: {e}); using the pure-Python path", stacklevel=2
+            )
             _module = None
     return _module

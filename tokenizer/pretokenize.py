@@ -76,7 +76,7 @@ def chunk_boundaries(path: str | os.PathLike, target_chunk_bytes: int, split_tok
                 if idx >= 0:
                     found = scan - len(carry) + idx
                     break
-                carry = data[-(len(split_token) - 1):] if len(split_token) > 1 else b""
+                carry = data[-(len(split_token) - 1) :] if len(split_token) > 1 else b""
                 scan += len(buf)
             if found < 0:
                 break

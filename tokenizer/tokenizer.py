@@ -129,7 +129,9 @@ class Tokenizer:
             self._encoder_tried = True
             core = native.load()
             if core is not None:
-                merges = [(ia, ib, iab) for (ia, ib), (rank, iab) in sorted(self._ranks.items(), key=lambda kv: kv[1][0])]
+                merges = [
+                    (ia, ib, iab) for (ia, ib), (rank, iab) in sorted(self._ranks.items(), key=lambda kv: kv[1][0])
+                ]
                 self._encoder = core.Encoder(self._byte_ids, merges)
         return self._encoder
 
@@ -200,13 +202,13 @@ class Tokenizer:
             # Matched over the whole tail: a match must see its real next character, not an end.
             pieces = PRETOKEN_RE.findall(tail)
             if len(pieces) <= keep:
-                buf = buf[p - len(tail):]
+                buf = buf[p - len(tail) :]
                 continue
             done = 0
             for piece in pieces[:-keep]:
                 yield from bpe(piece)
                 done += len(piece)
-            buf = buf[p - len(tail) + done:]
+            buf = buf[p - len(tail) + done :]
         if buf:
             yield from self.encode(buf)
 
@@ -243,7 +245,7 @@ class Tokenizer:
     @classmethod
     def from_files(
         cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike, special_tokens: list[str] | None = None
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Load GPT-2-format ``vocab.json`` and ``merges.txt`` (ours or OpenAI's)."""
         for p in (vocab_path, merges_path):
             if not Path(p).is_file():
@@ -262,7 +264,7 @@ class Tokenizer:
         return cls(vocab, merges, special_tokens)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Load a directory written by ``save`` (or by ``python -m tokenizer train``)."""
         d = Path(directory)
         if not d.is_dir():

@@ -40,7 +40,9 @@ def save_checkpoint(
     model = unwrap_model(model)
     state = {
         "model": model_state if model_state is not None else model.state_dict(),
-        "optimizer": optimizer_state if optimizer_state is not None else (optimizer.state_dict() if optimizer is not None else None),
+        "optimizer": optimizer_state
+        if optimizer_state is not None
+        else (optimizer.state_dict() if optimizer is not None else None),
         "iteration": int(iteration),
         **extra,
     }
@@ -79,9 +81,12 @@ def check_compatible(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     if missing or unexpected or mismatched:
         lines = ["checkpoint does not match this model's configuration:"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+            lines.append(
+                f"  missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+            )
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+            more = " ..." if len(unexpected) > 10 else ""
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}{more}")
         if mismatched:
             lines.append(f"  shape mismatches ({len(mismatched)}):")
             lines.extend(f"    {m}" for m in mismatched[:10])
@@ -125,7 +130,9 @@ def gather_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, shard
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts), "fqn"
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, fmt: str, sharded: bool) -> None:
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, fmt: str, sharded: bool
+) -> None:
     """Restore optimizer state saved in either format into a sharded or plain model's optimizer."""
     if fmt == "index" and not sharded:
         optimizer.load_state_dict(state)

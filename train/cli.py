@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a Transformer LM. Settings come from the preset, then --config, then flags; "
         "the defaults shown are the tinystories preset's (--preset NAME --print-config shows any preset's).",
     )
-    p.add_argument("--preset", default="tinystories", choices=list(PRESETS), help="starting configuration [default: tinystories]")
+    p.add_argument(
+        "--preset", default="tinystories", choices=list(PRESETS), help="starting configuration [default: tinystories]"
+    )
     p.add_argument("--config", default=None, help="JSON or TOML file of field: value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -87,7 +89,13 @@ def resolve(argv: list[str] | None = None) -> tuple[str, ModelConfig, RunConfig,
     model_kw = model_cfg.to_dict()
     run_kw = dict(run_over)
     overrides = _load_config_file(args.config) if args.config else {}
-    overrides.update({k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "config", "print_config", "quiet")})
+    overrides.update(
+        {
+            k: v
+            for k, v in vars(args).items()
+            if v is not None and k not in ("preset", "config", "print_config", "quiet")
+        }
+    )
     model_names = {f.name for f in fields(ModelConfig)}
     run_names = {f.name for f in fields(RunConfig)}
     for k, v in overrides.items():

@@ -54,7 +54,9 @@ class RunConfig:
     grad_clip: float = _f(1.0, "max global gradient L2 norm (0 disables)")
     # duration
     max_steps: int | None = _f(None, "optimizer steps to run")
-    max_tokens: int | None = _f(None, "tokens to train on (sets max_steps = max_tokens / (batch_size * context_length))")
+    max_tokens: int | None = _f(
+        None, "tokens to train on (sets max_steps = max_tokens / (batch_size * context_length))"
+    )
     time_budget: float | None = _f(None, "wall-clock seconds: stop cleanly (final eval + checkpoint) before this")
     # evaluation and logging
     eval_interval: int = _f(500, "steps between validation evaluations")
@@ -88,7 +90,15 @@ class RunConfig:
     top_p: float = _f(0.95, "nucleus sampling threshold")
 
     def __post_init__(self) -> None:
-        positive = ["batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval", "keep_checkpoints"]
+        positive = [
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -128,9 +138,14 @@ def read_settings_file(path: str | Path, what: str = "config file") -> dict:
 
 # --- presets ----------------------------------------------------------------------------------
 
+
 def _tinystories() -> tuple[ModelConfig, dict]:
-    model = ModelConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344, rope_theta=10_000.0)
-    return model, dict(dataset="tinystories", batch_size=64, max_tokens=327_680_000, lr=1e-3, min_lr=1e-4, warmup_iters=500)
+    model = ModelConfig(
+        vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344, rope_theta=10_000.0
+    )
+    return model, dict(
+        dataset="tinystories", batch_size=64, max_tokens=327_680_000, lr=1e-3, min_lr=1e-4, warmup_iters=500
+    )
 
 
 def _owt() -> tuple[ModelConfig, dict]:
@@ -140,15 +155,34 @@ def _owt() -> tuple[ModelConfig, dict]:
 
 
 def _gpt2(d_model: int, layers: int, heads: int) -> tuple[ModelConfig, dict]:
-    model = ModelConfig(vocab_size=50_257, context_length=1024, d_model=d_model, num_layers=layers, num_heads=heads, d_ff=4 * d_model)
-    return model, dict(dataset="owt", batch_size=32, max_tokens=2_621_440_000, lr=6e-4, min_lr=6e-5, warmup_iters=700, sample_prompt="The history of")
+    model = ModelConfig(
+        vocab_size=50_257, context_length=1024, d_model=d_model, num_layers=layers, num_heads=heads, d_ff=4 * d_model
+    )
+    return model, dict(
+        dataset="owt",
+        batch_size=32,
+        max_tokens=2_621_440_000,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_iters=700,
+        sample_prompt="The history of",
+    )
 
 
 def _smoke() -> tuple[ModelConfig, dict]:
     model = ModelConfig(vocab_size=512, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=176)
     return model, dict(
-        batch_size=16, max_steps=200, lr=3e-3, min_lr=3e-4, warmup_iters=20, eval_interval=50, eval_batches=4,
-        log_interval=10, checkpoint_interval=100, sample_tokens=48, kernels="torch",
+        batch_size=16,
+        max_steps=200,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_iters=20,
+        eval_interval=50,
+        eval_batches=4,
+        log_interval=10,
+        checkpoint_interval=100,
+        sample_tokens=48,
+        kernels="torch",
     )
 
 

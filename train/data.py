@@ -56,5 +56,7 @@ def load_tokens(path: str | Path) -> np.memmap:
     if sidecar.exists():
         dtype = np.dtype(json.loads(sidecar.read_text())["dtype"])
     if path.stat().st_size % np.dtype(dtype).itemsize:
-        raise ValueError(f"{path}: size {path.stat().st_size} is not a multiple of {np.dtype(dtype).itemsize} ({dtype})")
+        raise ValueError(
+            f"{path}: size {path.stat().st_size} is not a multiple of {np.dtype(dtype).itemsize} ({dtype})"
+        )
     return np.memmap(path, dtype=dtype, mode="r")

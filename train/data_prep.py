@@ -71,7 +71,10 @@ def download(url: str, dest: Path, progress: bool = True, chunk: int = 1 << 20) 
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         mode = "ab" if have else "wb"
-        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+        with (
+            open(part, mode) as f,
+            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+        ):
             while True:
                 buf = resp.read(chunk)
                 if not buf:
@@ -95,7 +98,9 @@ def _gunzip(src: Path) -> Path:
     return out
 
 
-def fetch_dataset(name: str, data_dir: str | Path, mirror: str | None = None, progress: bool = True) -> tuple[Path, Path]:
+def fetch_dataset(
+    name: str, data_dir: str | Path, mirror: str | None = None, progress: bool = True
+) -> tuple[Path, Path]:
     """Local paths of the dataset's train and valid text, downloading what is missing."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -103,7 +108,7 @@ def fetch_dataset(name: str, data_dir: str | Path, mirror: str | None = None, pr
     for split in ("train", "valid"):
         url = DATASETS[name][split]
         if mirror:
-            url = mirror.rstrip("/") + url[len(HF):]
+            url = mirror.rstrip("/") + url[len(HF) :]
         dest = Path(data_dir) / name / url.rsplit("/", 1)[-1]
         try:
             path = download(url, dest, progress)
@@ -137,8 +142,12 @@ def _file_hash(path: Path) -> str:
 
 
 def prepare_text(
-    train_text: str | Path, valid_text: str | Path | None, vocab_size: int, special_token: str,
-    data_dir: str | Path, progress: bool = True,
+    train_text: str | Path,
+    valid_text: str | Path | None,
+    vocab_size: int,
+    special_token: str,
+    data_dir: str | Path,
+    progress: bool = True,
 ) -> PreparedData:
     """Train a BPE on ``train_text`` and encode both texts, cached by content hash."""
     from tokenizer.bpe_train import train_bpe
@@ -193,7 +202,9 @@ def prepare_data(run, model_cfg, progress: bool = True) -> PreparedData:
                 tok_dir = json.loads(sidecar.read_text()).get("tokenizer_dir")
         return PreparedData(train, valid, tok_dir)
     if run.train_text:
-        return prepare_text(run.train_text, run.valid_text, model_cfg.vocab_size, run.special_token, run.data_dir, progress)
+        return prepare_text(
+            run.train_text, run.valid_text, model_cfg.vocab_size, run.special_token, run.data_dir, progress
+        )
     if run.dataset:
         train_txt, valid_txt = fetch_dataset(run.dataset, run.data_dir, run.dataset_mirror, progress)
         return prepare_text(train_txt, valid_txt, model_cfg.vocab_size, run.special_token, run.data_dir, progress)

@@ -21,8 +21,17 @@ def load_tokenizer_for(tokenizer_dir: str | None):
     return Tokenizer.load(tokenizer_dir)
 
 
-def sample_text(model, tok, prompt: str, num_samples: int, max_new_tokens: int, temperature: float, top_p: float,
-                stop_token: str | None, seed: int = 0) -> list[str]:
+def sample_text(
+    model,
+    tok,
+    prompt: str,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop_token: str | None,
+    seed: int = 0,
+) -> list[str]:
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = tok.encode(prompt)
@@ -35,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by python -m train")
     p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one recorded in the checkpoint)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (default: the one recorded in the checkpoint)"
+    )
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -55,8 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         tok = load_tokenizer_for(args.tokenizer or state.get("tokenizer_dir"))
         if tok is None:
             raise FileNotFoundError("no tokenizer found: pass --tokenizer DIR")
-        for text in sample_text(model, tok, args.prompt, args.num_samples, args.max_new_tokens, args.temperature,
-                                args.top_p, args.stop_token, args.seed):
+        for text in sample_text(
+            model,
+            tok,
+            args.prompt,
+            args.num_samples,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            args.stop_token,
+            args.seed,
+        ):
             print(text)
             print()
     except (FileNotFoundError, ValueError) as e:

@@ -48,7 +48,9 @@ class AdamW(torch.optim.Optimizer):
 
             off_gpu = [p.device for g in self.param_groups for p in g["params"] if p.device.type != "cuda"]
             if off_gpu and not interpreting():
-                raise ValueError(f"fused=True runs a Triton kernel on CUDA tensors; got parameters on {off_gpu[0]} (use fused=False)")
+                raise ValueError(
+                    f"fused=True runs a Triton kernel on CUDA tensors; got parameters on {off_gpu[0]} (use fused=False)"
+                )
             self._tables = LaunchTables()
 
     @torch.no_grad()
@@ -134,9 +136,18 @@ class AdamW(torch.optim.Optimizer):
             by_step.setdefault(t, []).append(i)
         for t, idx in by_step.items():
             adamw_step_(
-                [params[i] for i in idx], [grads[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=t,
-                tables=self._tables, grad_scale=grad_scale,
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                [ms[i] for i in idx],
+                [vs[i] for i in idx],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=t,
+                tables=self._tables,
+                grad_scale=grad_scale,
             )
         return True
 

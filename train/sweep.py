@@ -85,12 +85,17 @@ def array_spec(sweep: dict) -> str:
 
 # --- summaries ------------------------------------------------------------------------------------
 
+
 def run_summary(run: str | Path) -> dict:
     """One run directory's final/best validation loss, final train loss, tokens/s and MFU (medians
     over the log intervals: the first one holds compilation and autotuning), wall time and status;
     ``diverged`` flags a non-finite loss or a validation loss that climbed well above its best."""
     run = Path(run)
-    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()] if (run / "metrics.jsonl").exists() else []
+    metrics = (
+        [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        if (run / "metrics.jsonl").exists()
+        else []
+    )
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
     train = [m["train_loss"] for m in metrics if m.get("train_loss") is not None]
@@ -98,25 +103,36 @@ def run_summary(run: str | Path) -> dict:
     mfu = [m["mfu"] for m in metrics if m.get("mfu")]
     status = summary.get("status", "running?")
     return {
-        "run": run.name, "status": status, "steps": summary.get("step", metrics[-1]["step"] if metrics else 0),
+        "run": run.name,
+        "status": status,
+        "steps": summary.get("step", metrics[-1]["step"] if metrics else 0),
         "final_train_loss": train[-1] if train else None,
-        "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
-        "tokens_per_s": statistics.median(tps) if tps else None, "mfu": statistics.median(mfu) if mfu else None,
+        "final_val_loss": vals[-1] if vals else None,
+        "best_val_loss": min(vals) if vals else None,
+        "tokens_per_s": statistics.median(tps) if tps else None,
+        "mfu": statistics.median(mfu) if mfu else None,
         "wall_time_s": summary.get("wall_time", metrics[-1].get("wall_time") if metrics else None),
-        "diverged": status == "diverged" or any(not math.isfinite(x) for x in train) or (len(vals) > 1 and vals[-1] > 1.5 * min(vals)),
+        "diverged": status == "diverged"
+        or any(not math.isfinite(x) for x in train)
+        or (len(vals) > 1 and vals[-1] > 1.5 * min(vals)),
         "train_curve": {m["step"]: m["train_loss"] for m in metrics if m.get("train_loss") is not None},
     }
 
 
 def runs_table(rows: list[dict]) -> str:
     """A Markdown table of ``run_summary`` rows, best validation loss first."""
-    lines = ["| run | status | steps | final train | final val | best val | tokens/s | MFU | wall s | |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | status | steps | final train | final val | best val | tokens/s | MFU | wall s | |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     f = lambda v, nd=4: "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
     for r in sorted(rows, key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0)):
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['run']} | {r['status']} | {r['steps']} | {f(r['final_train_loss'])} | {f(r['final_val_loss'])} | "
-                     f"{f(r['best_val_loss'])} | {f(r['tokens_per_s'], 0)} | {mfu} | {f(r['wall_time_s'], 1)} | "
-                     f"{'DIVERGED' if r['diverged'] else ''} |")
+        lines.append(
+            f"| {r['run']} | {r['status']} | {r['steps']} | {f(r['final_train_loss'])} | {f(r['final_val_loss'])} | "
+            f"{f(r['best_val_loss'])} | {f(r['tokens_per_s'], 0)} | {mfu} | {f(r['wall_time_s'], 1)} | "
+            f"{'DIVERGED' if r['diverged'] else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -173,7 +189,9 @@ def _plot_swept_value(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("count", "array", "run"):
         s = sub.add_parser(name)

@@ -71,7 +71,9 @@ class BatchSource:
 
     def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int):
         if len(tokens) < context_length + 1:
-            raise ValueError(f"training data has {len(tokens)} tokens; context_length {context_length} needs at least {context_length + 1}")
+            raise ValueError(
+                f"training data has {len(tokens)} tokens; context_length {context_length} needs at least {context_length + 1}"
+            )
         self.tokens, self.t, self.b, self.seed = tokens, context_length, batch_size, seed
 
     def starts(self, step: int) -> np.ndarray:
@@ -166,10 +168,14 @@ class Trainer:
         torch.manual_seed(r.seed)
         self.data = prepare_data(r, self.model_cfg, progress=self.progress and self.dist.is_main)
         if len(self.data.valid) < self.model_cfg.context_length + 1:
-            raise ValueError(f"validation data has {len(self.data.valid)} tokens; need at least {self.model_cfg.context_length + 1}")
+            raise ValueError(
+                f"validation data has {len(self.data.valid)} tokens; need at least {self.model_cfg.context_length + 1}"
+            )
         vmax = int(self.data.train[: 1 << 20].max())
         if vmax >= self.model_cfg.vocab_size:
-            raise ValueError(f"training tokens reach id {vmax}, beyond the model's vocab_size {self.model_cfg.vocab_size}")
+            raise ValueError(
+                f"training tokens reach id {vmax}, beyond the model's vocab_size {self.model_cfg.vocab_size}"
+            )
         self.max_steps = self._max_steps()
         self.run_dir = self._run_dir()
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -187,13 +193,21 @@ class Trainer:
         self.model = wrap_model(self.raw_model, self.dist, self.device, r.fsdp)
         # The optimizer is built on the wrapped model's parameters (FSDP2 swaps in sharded ones).
         # --kernels triton: the fused AdamW kernel too (it falls back to foreach for FSDP2's shards).
-        self.optimizer = AdamW(self.model.parameters(), lr=r.lr, betas=(r.beta1, r.beta2), eps=r.eps, weight_decay=r.weight_decay,
-                               fused=r.kernels == "triton")
+        self.optimizer = AdamW(
+            self.model.parameters(),
+            lr=r.lr,
+            betas=(r.beta1, r.beta2),
+            eps=r.eps,
+            weight_decay=r.weight_decay,
+            fused=r.kernels == "triton",
+        )
         if state is not None:
             self._restore(state)
         self.forward = compile_model(self.model, r.compile_mode) if r.compile else self.model
         self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" and r.dtype == "bf16" else nullcontext()
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and r.dtype == "bf16"
+            else nullcontext()
         )
         self.batches = BatchSource(self.data.train, self.model_cfg.context_length, r.batch_size, r.seed)
         rng = np.random.default_rng([r.seed, 2**31 - 1])
@@ -206,12 +220,19 @@ class Trainer:
         peak = lookup_peak(device_name(self.device)) if self.device.type == "cuda" else None
         self.peak_flops = peak.bf16_tflops * 1e12 if peak else None
         if self.dist.is_main:
-            self._write_json("config.json", {
-                "preset": self.preset_name, "model": self.model_cfg.to_dict(), "run": r.to_dict(),
-                "max_steps": self.max_steps, "world_size": self.dist.world_size,
-                "flops_per_token": self.flops_per_token, "tokenizer_dir": self.data.tokenizer_dir,
-                "params": self.raw_model.num_parameters(),
-            })
+            self._write_json(
+                "config.json",
+                {
+                    "preset": self.preset_name,
+                    "model": self.model_cfg.to_dict(),
+                    "run": r.to_dict(),
+                    "max_steps": self.max_steps,
+                    "world_size": self.dist.world_size,
+                    "flops_per_token": self.flops_per_token,
+                    "tokenizer_dir": self.data.tokenizer_dir,
+                    "params": self.raw_model.num_parameters(),
+                },
+            )
             env = provenance(self.device)
             env["peak_bf16_tflops"] = peak.bf16_tflops if peak else None
             env["peak_source"] = peak.source if peak else None
@@ -222,7 +243,11 @@ class Trainer:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=r.wandb_project, name=self.run_dir.name, config={"model": self.model_cfg.to_dict(), "run": r.to_dict()})
+                self.wandb = wandb.init(
+                    project=r.wandb_project,
+                    name=self.run_dir.name,
+                    config={"model": self.model_cfg.to_dict(), "run": r.to_dict()},
+                )
             except ImportError:
                 print("warning: --wandb given but the wandb package is not installed; skipping", file=sys.stderr)
 
@@ -250,7 +275,9 @@ class Trainer:
         return state
 
     def _restore(self, state: dict) -> None:
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"], state.get("optimizer_format", "index"), self.sharded)
+        load_optimizer_state(
+            self.model, self.optimizer, state["optimizer"], state.get("optimizer_format", "index"), self.sharded
+        )
         path = state["path"]
         self.step = int(state["iteration"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
@@ -269,12 +296,20 @@ class Trainer:
             return None
         path = self.ckpt_dir / f"step_{self.step:08d}.pt"
         save_checkpoint(
-            self.raw_model, None, self.step, path,
-            model_state=model_sd, optimizer_state=optim_sd, optimizer_format=fmt,
-            tokens_seen=self.tokens_seen, elapsed=self.elapsed_before + (time.time() - self.t_start),
-            best_val=self.best_val, rng_cpu=torch.get_rng_state(),
+            self.raw_model,
+            None,
+            self.step,
+            path,
+            model_state=model_sd,
+            optimizer_state=optim_sd,
+            optimizer_format=fmt,
+            tokens_seen=self.tokens_seen,
+            elapsed=self.elapsed_before + (time.time() - self.t_start),
+            best_val=self.best_val,
+            rng_cpu=torch.get_rng_state(),
             rng_cuda=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            run_config=self.run.to_dict(), tokenizer_dir=self.data.tokenizer_dir,
+            run_config=self.run.to_dict(),
+            tokenizer_dir=self.data.tokenizer_dir,
         )
         for old in self._checkpoints()[: -self.run.keep_checkpoints]:
             old.unlink(missing_ok=True)
@@ -301,7 +336,9 @@ class Trainer:
         decay = r.lr_decay_iters or self.max_steps
         return get_lr_cosine_schedule(step, r.lr, r.min_lr, r.warmup_iters, decay)
 
-    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]], loss_acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def train_step(
+        self, micro: list[tuple[torch.Tensor, torch.Tensor]], loss_acc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step over a step's micro-batches: forward and backward of each (DDP
         all-reduces on the last), clipping, AdamW, gradients freed. Adds the step's mean loss into
         ``loss_acc`` on the device and returns (last micro-batch's loss, grad norm before clipping),
@@ -309,7 +346,11 @@ class Trainer:
         ``torch.cuda.set_sync_debug_mode("error")``)."""
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
-            ctx = self.model.no_sync() if (self.dist.enabled and not last and hasattr(self.model, "no_sync")) else nullcontext()
+            ctx = (
+                self.model.no_sync()
+                if (self.dist.enabled and not last and hasattr(self.model, "no_sync"))
+                else nullcontext()
+            )
             with ctx, self.autocast:
                 loss = self.forward(x, targets=y)
             (loss / len(micro)).backward()
@@ -367,13 +408,19 @@ class Trainer:
                         )
                     dt = time.time() - t_log
                     tok_s = acc_steps * tokens_per_step / dt
-                    record.update({
-                        "train_loss": train_loss, "lr": lr,
-                        "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                        "tokens_per_s": tok_s, "step_time_ms": 1000 * dt / acc_steps,
-                        "mfu": tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None,
-                        "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
-                    })
+                    record.update(
+                        {
+                            "train_loss": train_loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                            "tokens_per_s": tok_s,
+                            "step_time_ms": 1000 * dt / acc_steps,
+                            "mfu": tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None,
+                            "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30
+                            if self.device.type == "cuda"
+                            else None,
+                        }
+                    )
                 record["wall_time"] = elapsed
                 if eval_due:
                     t_eval = time.time()
@@ -401,7 +448,9 @@ class Trainer:
                     if not stop:
                         # Never checkpoint a diverged state: check the loss before saving.
                         if not math.isfinite(loss.item()):
-                            raise TrainingDiverged(f"non-finite training loss at step {self.step}; the last good checkpoint is kept in {self.ckpt_dir}")
+                            raise TrainingDiverged(
+                                f"non-finite training loss at step {self.step}; the last good checkpoint is kept in {self.ckpt_dir}"
+                            )
                     self.save()
                 if stop:
                     if self.stop_signal is not None and not last:
@@ -422,9 +471,12 @@ class Trainer:
         self.status = status
         if self.dist.is_main:
             summary = {
-                "status": status, "step": self.step, "tokens": self.tokens_seen,
+                "status": status,
+                "step": self.step,
+                "tokens": self.tokens_seen,
                 "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
-                "final_val_loss": last_val, "wall_time": self.elapsed_before + time.time() - self.t_start,
+                "final_val_loss": last_val,
+                "wall_time": self.elapsed_before + time.time() - self.t_start,
             }
             self._write_json("summary.json", summary)
             if status in ("finished", "time budget reached") and r.sample_tokens > 0:
@@ -443,8 +495,15 @@ class Trainer:
             print("note: no tokenizer known for this data (pass --tokenizer DIR); skipping samples", file=sys.stderr)
             return
         texts = sample_text(
-            unwrap_model(self.raw_model), tok, self.run.sample_prompt, self.run.num_samples, self.run.sample_tokens,
-            self.run.temperature, self.run.top_p, self.run.special_token, seed=self.run.seed,
+            unwrap_model(self.raw_model),
+            tok,
+            self.run.sample_prompt,
+            self.run.num_samples,
+            self.run.sample_tokens,
+            self.run.temperature,
+            self.run.top_p,
+            self.run.special_token,
+            seed=self.run.seed,
         )
         with open(self.run_dir / "samples.txt", "w") as f:
             for i, t in enumerate(texts):
