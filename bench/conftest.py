@@ -6,14 +6,9 @@ benchmarks (GPU-only ones are skipped with the reason), on a GPU all of them. Ro
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not GPU, reason="GPU benchmark: no CUDA device on this machine")

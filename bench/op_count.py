@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from kernels import BACKENDS
+
 # Ops that launch no work: views, metadata, allocation, and the CPU-only token-range check.
 NO_WORK = frozenset(
     {
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.op_count", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", default="tinystories")
-    p.add_argument("--kernels", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
+    p.add_argument("--kernels", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--top", type=int, default=10, help="most frequent ops to list per backend")
     args = p.parse_args(argv)
     # The count runs on the CPU, our kernels through the interpreter (read when they are first

@@ -6,52 +6,16 @@ Rows are collected during a session and written as one JSON file under ``bench/r
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import re
-import subprocess
 from pathlib import Path
 
 import torch
 
-from bench.peaks import device_name
+from train.provenance import provenance
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def provenance(device: torch.device | str) -> dict:
-    """Where a number came from: device, versions, commit, date, host (and Slurm job, if any)."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    device = torch.device(device)
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-    }
 
 
 class ResultsWriter:

@@ -21,12 +21,18 @@ Nothing here touches a GPU at import time: the triton backend is imported on fir
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kernels import reference
 
 BACKENDS = ("torch", "triton")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET`` set and not "0")."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +74,7 @@ def _build_triton_ops() -> Ops:
         import triton  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
-            "the 'triton' kernel backend needs the triton package: pip install 'fastlm[triton]' "
-            "(or use kernels='torch')"
+            "the 'triton' kernel backend needs the triton package (pip install 'triton>=3.6'), or use kernels='torch'"
         ) from e
     from kernels.attention import attention
     from kernels.cross_entropy import cross_entropy
@@ -103,4 +108,4 @@ def get_ops(name: str | Ops) -> Ops:
     return _cache[name]
 
 
-__all__ = ["BACKENDS", "Ops", "get_ops", "reference"]
+__all__ = ["BACKENDS", "Ops", "get_ops", "interpreting", "reference"]

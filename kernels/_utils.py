@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from kernels import interpreting
 
 
 def check_device(*tensors: torch.Tensor) -> None:

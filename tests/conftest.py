@@ -5,14 +5,12 @@ imports ``kernels``.
 """
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

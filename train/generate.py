@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import BACKENDS
 from model import ModelConfig, TransformerLM
 from train.checkpoint import load_checkpoint_state
 from train.decoding import generate
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-token", default="<|endoftext|>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--kernels", default="torch", choices=["torch", "triton"])
+    p.add_argument("--kernels", default="torch", choices=BACKENDS)
     args = p.parse_args(argv)
     try:
         state = load_checkpoint_state(args.checkpoint)

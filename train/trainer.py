@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import signal
 import sys
@@ -23,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.peaks import device_name, lookup_peak
-from bench.results import provenance
+from kernels import interpreting
 from model import ModelConfig, TransformerLM
 from model.flops import training_flops_per_token
 from train.checkpoint import (
@@ -38,8 +36,10 @@ from train.checkpoint import (
 from train.config import RunConfig, compile_model
 from train.data import batch_from_starts
 from train.data_prep import prepare_data
+from train.devices import device_name, lookup_peak
 from train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
 from train.optimizer import AdamW, clip_and_step, get_lr_cosine_schedule
+from train.provenance import provenance
 
 EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3
 
@@ -58,7 +58,7 @@ def resolve_device(requested: str | None) -> torch.device:
 
 
 def check_kernels(kernels: str, device: torch.device) -> None:
-    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if kernels == "triton" and device.type != "cuda" and not interpreting():
         raise RuntimeError(
             "--kernels triton needs a CUDA GPU, and this run is on the CPU. "
             "Use --kernels torch on a CPU (the from-scratch PyTorch reference backend)."
