@@ -62,7 +62,9 @@ class RunConfig:
     # evaluation and logging
     eval_interval: int = _f(500, "steps between validation evaluations")
     eval_batches: int = _f(20, "fixed validation batches per evaluation")
-    log_interval: int = _f(50, "steps between metric logs (the only host syncs in the loop)")
+    log_interval: int = _f(
+        50, "steps between metric logs (the loop reads the device only at logs, evals and checkpoints)"
+    )
     # checkpoints
     out_dir: str = _f("runs", "parent directory of run directories")
     run_name: str | None = _f(None, "run directory name (default: preset and time)")
@@ -80,6 +82,10 @@ class RunConfig:
         "models whose steps wait on the host), max-autotune, max-autotune-no-cudagraphs",
     )
     seed: int = _f(0, "seed for initialization and data order")
+    deterministic: bool = _f(
+        False,
+        "bit-identical runs and resumes: one CPU thread, torch's deterministic algorithms, a fixed cuBLAS workspace",
+    )
     fsdp: bool = _f(False, "shard parameters and optimizer state with FSDP2 instead of DDP (multi-GPU)")
     wandb: bool = _f(False, "log to Weights & Biases (needs the wandb package)")
     wandb_project: str = _f("fastlm", "Weights & Biases project")
@@ -117,9 +123,45 @@ class RunConfig:
             raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError("time_budget must be positive")
+        if not self.special_token:
+            raise ValueError("special_token must not be empty (it separates documents and stops samples)")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Settings a resumed run may change: they alter neither the model, nor the data stream (a pure
+# function of seed, batch size and data), nor the tokenizer. Everything else, every model field
+# included, must match the checkpoint, or the resume is refused with the list of differences.
+SAFE_ON_RESUME = frozenset(
+    {
+        # duration, intervals, output
+        "max_steps", "max_tokens", "time_budget", "eval_interval", "eval_batches", "log_interval",
+        "checkpoint_interval", "keep_checkpoints", "resume", "out_dir", "run_name", "data_dir",
+        "dataset_mirror", "wandb", "wandb_project",
+        # optimization: lowering the learning rate after a divergence is the common case
+        "lr", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "eps",
+        "grad_clip", "grad_accum",
+        # system: same math, other speed or precision
+        "device", "kernels", "dtype", "compile", "compile_mode", "fsdp", "deterministic",
+        # sampling at the end
+        "sample_prompt", "sample_tokens", "num_samples", "temperature", "top_p",
+    }
+)  # fmt: skip
+
+
+def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Compare a checkpoint's settings with this run's: (refused, allowed) lines of
+    ``name: saved -> current``. ``saved``/``current`` are ``{"model": {...}, "run": {...}}``."""
+    refused, allowed = [], []
+    for section in ("model", "run"):
+        old, new = saved.get(section) or {}, current.get(section) or {}
+        for name in sorted(set(old) | set(new)):
+            if name not in new or old.get(name) == new[name]:
+                continue  # settings this code no longer has are not compared
+            line = f"{'--' + name.replace('_', '-')}: {old.get(name)!r} -> {new[name]!r}"
+            (allowed if section == "run" and name in SAFE_ON_RESUME else refused).append(line)
+    return refused, allowed
 
 
 def read_settings_file(path: str | Path, what: str = "config file") -> dict:

@@ -1,8 +1,13 @@
-"""Batches of (input, target) windows sampled from a flat token array (often an ``np.memmap``)."""
+"""Batches of (input, target) windows sampled from a flat token array (often an ``np.memmap``):
+``get_batch`` for one batch, ``BatchSource`` for the training stream (a pure function of seed and
+step, so a resumed run sees the batches an uninterrupted one would) and ``Prefetcher`` to build the
+next steps' batches on a background thread."""
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +65,61 @@ def load_tokens(path: str | Path) -> np.memmap:
             f"{path}: size {path.stat().st_size} is not a multiple of {np.dtype(dtype).itemsize} ({dtype})"
         )
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+class BatchSource:
+    """Batches as a pure function of (seed, step): the global batch's window starts come from
+    ``default_rng([seed, step])``, and each rank (and micro-step) takes its own slice of them."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int):
+        if len(tokens) < context_length + 1:
+            raise ValueError(
+                f"training data has {len(tokens)} tokens; context_length {context_length} "
+                f"needs at least {context_length + 1}"
+            )
+        self.tokens, self.t, self.b, self.seed = tokens, context_length, batch_size, seed
+
+    def starts(self, step: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, step]).integers(0, len(self.tokens) - self.t, size=self.b)
+
+    def micro_batches(self, step: int, rank: int, world: int, accum: int, device: torch.device):
+        starts = self.starts(step)
+        per = self.b // (world * accum)
+        mine = starts[rank * per * accum : (rank + 1) * per * accum]
+        return [batch_from_starts(self.tokens, mine[i * per : (i + 1) * per], self.t, device) for i in range(accum)]
+
+
+class Prefetcher:
+    """Builds the next steps' batches on a background thread (gather, pin, async copy)."""
+
+    def __init__(self, make, first_step: int, last_step: int, depth: int = 2):
+        self.make, self.q = make, queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(first_step, last_step), daemon=True)
+        self.thread.start()
+
+    def _run(self, first: int, last: int) -> None:
+        for step in range(first, last):
+            if self.stop.is_set():
+                return
+            try:
+                item = (step, self.make(step), None)
+            except BaseException as e:  # surface errors in the training thread
+                item = (step, None, e)
+            while not self.stop.is_set():
+                try:
+                    self.q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def get(self, step: int):
+        got, batches, err = self.q.get()
+        if err is not None:
+            raise err
+        assert got == step, f"prefetcher out of order: {got} != {step}"
+        return batches
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)

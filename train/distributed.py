@@ -45,6 +45,15 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_ranks(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True when ``flag`` is true on every rank (so every rank takes the same branch)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0.0
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool) -> torch.nn.Module:
     if not info.enabled:
         return model

@@ -14,7 +14,18 @@ from train.checkpoint import load_checkpoint_state
 from train.decoding import generate
 
 
-def load_tokenizer_for(tokenizer_dir: str | None):
+def checkpoint_tokenizer_dir(checkpoint: str | Path, state: dict) -> Path | None:
+    """The tokenizer a checkpoint was trained with: its run directory's ``tokenizer/`` (recorded
+    relative to the checkpoint, so the run works from any directory and after a move), else the
+    path older checkpoints recorded."""
+    recorded = state.get("tokenizer_dir")
+    candidates = [Path(checkpoint).resolve().parent.parent / "tokenizer"]
+    if recorded:
+        candidates += [Path(checkpoint).resolve().parent / recorded, Path(recorded)]
+    return next((c for c in candidates if (c / "vocab.json").exists()), None)
+
+
+def load_tokenizer_for(tokenizer_dir: str | Path | None):
     from tokenizer import Tokenizer
 
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
@@ -64,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = TransformerLM(ModelConfig(**state["model_config"]), kernels=args.kernels).to(device)
         model.load_state_dict(state["model"])
-        tok = load_tokenizer_for(args.tokenizer or state.get("tokenizer_dir"))
+        tok = load_tokenizer_for(args.tokenizer or checkpoint_tokenizer_dir(args.checkpoint, state))
         if tok is None:
             raise FileNotFoundError("no tokenizer found: pass --tokenizer DIR")
         for text in sample_text(
