@@ -46,3 +46,44 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory, shared_data):
+    """corpus.en encoded with a small BPE, shared by the tests below."""
+    from tokenizer.cli import main as tok_main
+
+    d = tmp_path_factory.mktemp("tok")
+    assert (
+        tok_main(
+            [
+                "train",
+                "--input",
+                str(shared_data / "corpus.en"),
+                "--vocab-size",
+                "512",
+                "--special-token",
+                "<|endoftext|>",
+                "--out",
+                str(d / "tok"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        tok_main(
+            [
+                "encode",
+                "--tokenizer",
+                str(d / "tok"),
+                "--input",
+                str(shared_data / "corpus.en"),
+                "--out",
+                str(d / "train.bin"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    return d / "train.bin"

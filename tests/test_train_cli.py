@@ -26,47 +26,6 @@ def metrics(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory, shared_data):
-    """corpus.en encoded with a small BPE, shared by the tests below."""
-    from tokenizer.cli import main as tok_main
-
-    d = tmp_path_factory.mktemp("tok")
-    assert (
-        tok_main(
-            [
-                "train",
-                "--input",
-                str(shared_data / "corpus.en"),
-                "--vocab-size",
-                "512",
-                "--special-token",
-                "<|endoftext|>",
-                "--out",
-                str(d / "tok"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    assert (
-        tok_main(
-            [
-                "encode",
-                "--tokenizer",
-                str(d / "tok"),
-                "--input",
-                str(shared_data / "corpus.en"),
-                "--out",
-                str(d / "train.bin"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    return d / "train.bin"
-
-
 def test_smoke_from_text_end_to_end(tmp_path, shared_data):
     args = SMOKE + [
         "--train-text",

@@ -53,7 +53,7 @@ from train.distributed import (
     wrap_model,
 )
 from train.errors import STATUS_EXIT, TrainingDiverged, UserError
-from train.optimizer import AdamW, clip_and_step, get_lr_cosine_schedule
+from train.optimizer import AdamW, clip_and_step, get_lr_cosine_schedule, grad_norm_and_clip_scale
 from train.progress import Progress, closing_summary
 from train.provenance import provenance
 from train.run_dir import USER_OS_ERRNOS, RunDir, describe_os_error
@@ -369,10 +369,12 @@ class Trainer:
 
     def save(self, loss: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None) -> Path | None:
         """Write a checkpoint of the current step, only if the whole state is finite (parameters,
-        optimizer moments, the step's loss and grad norm: one fused check, agreed by all ranks);
-        otherwise raise TrainingDiverged and leave the newest checkpoint on disk as it is."""
+        optimizer moments, the step's loss and grad norm, and the gradients the state gives next:
+        one fused check, agreed by all ranks); otherwise raise TrainingDiverged and leave the
+        newest checkpoint on disk as it is."""
+        probe = self._probe_gradients()
         model_sd, optim_sd, fmt = gather_state_dicts(self.model, self.optimizer, self.sharded)
-        if not all_ranks(all_finite(model_sd, optim_sd, loss, grad_norm), self.dist, self.device):
+        if not all_ranks(all_finite(model_sd, optim_sd, loss, grad_norm, probe), self.dist, self.device):
             raise TrainingDiverged(f"non-finite parameters, optimizer state or gradients at step {self.step}")
         if not self.dist.is_main:
             barrier(self.dist)
@@ -430,16 +432,34 @@ class Trainer:
         ``loss_acc`` on the device and returns (last micro-batch's loss, grad norm before clipping),
         both device tensors: nothing here waits for the GPU (a GPU test runs it under
         ``torch.cuda.set_sync_debug_mode("error")``)."""
+        loss = self._forward_backward(micro, loss_acc)
+        grad_norm = clip_and_step(self.optimizer, self.run.grad_clip)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def _forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]], loss_acc: torch.Tensor | None):
         for i, (x, y) in enumerate(micro):
             last = i == len(micro) - 1
             skip_sync = self.dist.enabled and not last and hasattr(self.model, "no_sync")
             with self.model.no_sync() if skip_sync else nullcontext(), self.autocast:
                 loss = self.forward(x, targets=y)
             (loss / len(micro)).backward()
-            loss_acc += loss.detach().float() / len(micro)
-        grad_norm = clip_and_step(self.optimizer, self.run.grad_clip)
+            if loss_acc is not None:
+                loss_acc += loss.detach().float() / len(micro)
+        return loss
+
+    def _probe_gradients(self) -> torch.Tensor:
+        """The grad norm the current state gives on the next step's batch, nothing updated: a state
+        whose parameters are finite yet already doomed (non-finite gradients, as after one step at
+        an absurd learning rate) is not worth a checkpoint. One extra forward and backward per
+        checkpoint."""
+        r = self.run
+        micro = self.batches.micro_batches(self.step, self.dist.rank, self.dist.world_size, r.grad_accum, self.device)
+        self._forward_backward(micro, None)
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm, _ = grad_norm_and_clip_scale(grads, 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm
+        return norm
 
     def train(self) -> int:
         """Run until the last step, a signal or the time budget; returns the exit code."""
