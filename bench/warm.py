@@ -1,5 +1,6 @@
-"""``python -m bench.warm --shard I --shards N``: compile our Triton kernels at the benchmark shapes
-ahead of the benchmarks, so that the benchmarks' autotuning finds its binaries in Triton's disk cache.
+"""``python3 -m bench.warm --shard I --shards N [--tests]``: compile our Triton kernels at the benchmark
+shapes (and, with ``--tests``, at the GPU tests' attention shapes) ahead of the benchmarks and tests,
+so that their autotuning finds its binaries in Triton's disk cache.
 
 The autotuner compiles its configs one after another (about 1-2 s each for attention, for each new
 head dim, causal flag and shape specialisation); the GPU check runs N shards of this beside the GPU
@@ -46,6 +47,45 @@ def warm(shard: int, shards: int, presets: list[str] | None, device: torch.devic
     return done
 
 
+# The GPU tests' attention calls (tests/test_attention_kernel.py: the error-ratio test at T = 1000,
+# which is not a multiple of 16, so the benchmark shapes' binaries do not serve it; the long-context
+# test; the autotune report test): (B, H, T, D, causal, dtype, backward).
+TEST_ATTENTION_SHAPES = (
+    [(2, 4, 1000, d, c, torch.bfloat16, True) for d in (32, 64, 128) for c in (True, False)]
+    + [(2, 4, 1000, 64, True, torch.float16, True)]
+    + [(1, 8, t, 64, True, torch.bfloat16, True) for t in (4096, 8192)]
+    + [(1, 2, 512, d, True, torch.bfloat16, True) for d in (64, 128)]
+)
+
+
+def warm_tests(shard: int, shards: int, device: torch.device) -> list[str]:
+    """Our attention (forward, and backward where the test runs it) at the GPU tests' shapes."""
+    from kernels import get_ops
+
+    attention = get_ops("triton").attention
+    done = []
+    for i, (b, h, t, d, causal, dtype, backward) in enumerate(TEST_ATTENTION_SHAPES):
+        if i % shards != shard:
+            continue
+        t0 = time.perf_counter()
+        try:
+            q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+            out = attention(q, k, v, causal=causal)
+            if backward:
+                out.float().sum().backward()
+            status = "ok"
+        except Exception as e:  # the test reports it properly
+            status = f"{type(e).__name__}: {str(e)[:120]}"
+        finally:
+            q = k = v = out = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        done.append(
+            f"test attention B{b} H{h} T{t} D{d} causal={causal} {dtype}: {status} ({time.perf_counter() - t0:.1f} s)"
+        )
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.warm", description=__doc__.split("\n\n")[0])
     p.add_argument("--shard", type=int, default=0)
@@ -55,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("BENCH_PRESETS", ""),
         help="comma-separated (default: BENCH_PRESETS, else all)",
     )
+    p.add_argument("--tests", action="store_true", help="also the GPU tests' attention shapes")
     args = p.parse_args(argv)
     if not 0 <= args.shard < args.shards:
         p.error(f"--shard must be in [0, {args.shards}), got {args.shard}")
@@ -64,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     presets = [x for x in args.presets.split(",") if x] or None
     for line in warm(args.shard, args.shards, presets, torch.device("cuda")):
         print(line, flush=True)
+    if args.tests:
+        for line in warm_tests(args.shard, args.shards, torch.device("cuda")):
+            print(line, flush=True)
     return 0
 
 

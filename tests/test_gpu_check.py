@@ -1,0 +1,141 @@
+"""The GPU check (bench/gpu_check.sh -> bench.gpu_check): its budget, its limits and what survives a
+section that hangs or raises. The whole script runs on the CPU here, its CUDA parts skipped."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_check import MAX_FILES, Check, Section, Step, parse_inject
+from bench.gpu_check_sections import GOALS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK", "BENCH_"))}
+    # `python3` in the script is this interpreter (its venv), as on the GPU box it is the box's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    env["GPU_DATA"] = "/nonexistent"
+    return {**env, **extra}
+
+
+@pytest.mark.slow
+def test_dry_run_keeps_what_was_measured_through_a_hang_and_an_error(tmp_path):
+    out = tmp_path / "out"
+    budget = 40
+    t0 = time.monotonic()
+    p = subprocess.run(
+        ["bash", "bench/gpu_check.sh", str(out)],
+        cwd=ROOT,
+        env=_env(GPU_CHECK_BUDGET=str(budget), GPU_CHECK_INJECT="kernels:hang,e2e:error"),
+        capture_output=True,
+        text=True,
+        timeout=budget + 60,
+    )
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-2000:]
+    # Inside its budget (a few seconds' grace for the interpreter's own start and exit).
+    assert elapsed <= budget + 5, elapsed
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert 0 < len(files) <= MAX_FILES, files
+    assert not [f for f in files if f.suffix == ".tmp"]
+    assert {"logs.txt", "summary.json", "read_later.tar.gz"} <= {f.name for f in files}
+
+    log = (out / "logs.txt").read_text()
+    # The hung section's line, printed before the hang, survived its kill; so did its row.
+    assert "injected hang in kernels: this line and its row were written before it" in log
+    assert "kernels: cut off at its limit during 'kernels'" in log
+    assert "injected error in e2e" in log and "e2e: 'train step' failed" in log
+    rows = [r for f in (out / "results").glob("*.json") for r in json.loads(f.read_text())["rows"]]
+    assert {(r["where"], r["what"]) for r in rows if r["kind"] == "injected"} == {("kernels", "hang"), ("e2e", "error")}
+    # The sections after them still ran, to the end.
+    for later in ("tests", "training", "compiled"):
+        assert "--- [" in log and f"] {later}: " in log, later
+    summary = json.loads((out / "summary.json").read_text())
+    assert [g["goal"] for g in summary["goals"]] == [name for name, _ in GOALS]
+    assert {g["status"] for g in summary["goals"]} <= {"measured", "failed", "not reached"}
+    kernels = next(g for g in summary["goals"] if g["goal"].startswith("kernel rms_norm"))
+    assert kernels["status"] == "not reached" and "cut off" in kernels["detail"]
+    assert [s["section"] for s in summary["timeline"]] == ["device", "kernels", "e2e", "tests", "training", "compiled"]
+    assert "=== summary: one line per goal ===" in log and "done (budget 40 s)" in log
+
+
+def _sleeper(text: str, seconds: float) -> list[str]:
+    return [sys.executable, "-c", f"import time; print({text!r}, flush=True); time.sleep({seconds})"]
+
+
+def test_a_step_killed_at_its_limit_keeps_its_lines(tmp_path):
+    check = Check(tmp_path / "out", budget_s=30)
+    res = check.run(Step("sleeper", [_sleeper("measured before the limit", 60)]), limit_s=2.0, section="s")
+    assert res.rcs == [None] and res.timed_out
+    assert res.lines == ["measured before the limit"]
+    assert "measured before the limit" in (tmp_path / "out" / "logs.txt").read_text()
+    # Side by side: each writes its own log, kept after the kill too.
+    res = check.run(Step("two", [_sleeper("one", 60), _sleeper("two", 0)]), limit_s=2.0, section="s")
+    assert res.rcs == [None, 0]
+    assert [f.read_text() for f in res.logs] == ["one\n", "two\n"]
+
+
+def test_a_hung_section_costs_only_its_share_and_later_ones_run(tmp_path):
+    def hang(check):
+        yield Step("hang", [_sleeper("before the hang", 600)])
+
+    def fails(check):
+        yield Step("fails", [[sys.executable, "-c", "raise SystemExit(3)"]])
+        yield Step("after the failure", [_sleeper("still runs", 0)])
+
+    def broken(check):
+        raise RuntimeError("bookkeeping bug")
+        yield
+
+    check = Check(tmp_path / "out", budget_s=20)
+    sections = [
+        Section("a", "hangs", 1, hang),
+        Section("b", "fails", 1, fails),
+        Section("c", "broken", 1, broken),
+        Section("d", "fine", 1, lambda c: iter([Step("ok", [_sleeper("done", 0)])])),
+    ]
+    t0 = time.monotonic()
+    check.run_sections(sections)
+    summary = check.finish([])
+    assert time.monotonic() - t0 <= 20 + 3
+    status = {s["section"]: s["status"] for s in summary["timeline"]}
+    assert status["a"].startswith("cut off") and status["b"].startswith("'fails' failed")
+    assert status["c"].startswith("failed: RuntimeError") and status["d"] == "ok"
+    log = (tmp_path / "out" / "logs.txt").read_text()
+    assert "before the hang" in log and "still runs" in log and "done" in log
+
+
+def test_finish_leaves_at_most_the_file_limit_and_no_tmp(tmp_path):
+    out = tmp_path / "out"
+    check = Check(out, budget_s=10)
+    for i in range(4):
+        (out / "results" / f"r{i}.json").write_text('{"rows": []}')
+    (out / "results" / "r9.tmp").write_text("partial")
+    (out / "train_metrics.jsonl").write_text("")
+    check.finish([])
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= MAX_FILES and not [f for f in files if f.suffix == ".tmp"]
+    assert {"logs.txt", "summary.json", "read_later.tar.gz"} <= {f.name for f in files}
+    assert "over the 6-file limit" in (out / "logs.txt").read_text()
+    assert len(list((out / "results").glob("*.json"))) == 1
+
+
+def test_bad_budget_and_injection_are_one_line_errors(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", str(tmp_path)],
+        cwd=ROOT,
+        env=_env(GPU_CHECK_BUDGET="soon"),
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "GPU_CHECK_BUDGET" in p.stderr and "'soon'" in p.stderr
+    assert parse_inject("kernels:hang, e2e:error") == {"kernels": "hang", "e2e": "error"}
+    with pytest.raises(SystemExit, match="GPU_CHECK_INJECT"):
+        parse_inject("kernels:explode")
