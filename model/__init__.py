@@ -11,6 +11,7 @@ from model.layers import (
     SiLUFeedForward,
     SwiGLU,
     TransformerBlock,
+    block_output,
 )
 from model.transformer import TransformerLM
 
@@ -25,6 +26,7 @@ __all__ = [
     "SwiGLU",
     "TransformerBlock",
     "TransformerLM",
+    "block_output",
     "cross_entropy",
     "scaled_dot_product_attention",
     "silu",

@@ -124,10 +124,12 @@ class RotaryPositionalEmbedding(nn.Module):
     """
 
     def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None, *, ops: Ops | str | None = None):
+        # max_seq_len and device are the handout's signature: angles are computed per call from
+        # the positions, so no table is sized or placed.
         super().__init__()
         if d_k % 2:
             raise ValueError(f"RoPE needs an even d_k, got {d_k}")
-        self.theta, self.d_k, self.max_seq_len = float(theta), d_k, max_seq_len
+        self.theta, self.d_k = float(theta), d_k
         self.ops = _ops(ops)
 
     def forward(self, x: torch.Tensor, token_positions: torch.Tensor) -> torch.Tensor:
@@ -157,7 +159,6 @@ class MultiHeadSelfAttention(nn.Module):
         if d_model % num_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
-        self.max_seq_len = max_seq_len
         self.q_proj = Linear(d_model, d_model, device, dtype)
         self.k_proj = Linear(d_model, d_model, device, dtype)
         self.v_proj = Linear(d_model, d_model, device, dtype)
@@ -229,7 +230,7 @@ class Identity(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.)); ablations switch norm and FFN kinds.
-    Each residual add runs fused with the norm that follows it (see ``defer_add``)."""
+    Each residual add runs fused with the norm that follows it (see ``forward``)."""
 
     def __init__(
         self,
@@ -274,23 +275,27 @@ class TransformerBlock(nn.Module):
         kv_cache: LayerKVCache | None = None,
         *,
         pending: torch.Tensor | None = None,
-        defer_add: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The block's output for input x (plus ``pending``, when given).
-
-        ``defer_add`` (pre-norm only) returns (h, f), the output being h + f: each residual add is
-        left to the norm that reads its sum (``add_and_norm``, one pass on triton), so the model
-        hands f to the next block as ``pending`` (its ln1 adds it) or to the final norm. Through
-        ``forward``, not a method beside it, so that wrappers' hooks (FSDP2's all-gathers) run."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, f) for input x (plus ``pending``, when given): the block's output is h + f
+        (``block_output``). A pre-norm block leaves that last residual add to the norm that reads
+        the sum (``add_and_norm``, one pass on triton): the model hands f to the next block as
+        ``pending`` (its ln1 adds it) or to the final norm. A post-norm block ends in its norm and
+        returns (output, None). Through ``forward``, not a method beside it, so that wrappers'
+        hooks (FSDP2's all-gathers) run."""
         if self.post_norm:
-            if pending is not None or defer_add:
-                raise ValueError("a post-norm block ends in its norm: nothing to defer")
+            if pending is not None:
+                raise ValueError("a post-norm block ends in its norm: it takes no pending residual add")
             x = self.ln1(x + self.attn(x, token_positions, kv_cache))
-            return self.ln2(x + self.ffn(x))
+            return self.ln2(x + self.ffn(x)), None
         if pending is None:
             normed = self.ln1(x)
         else:
             x, normed = self.ln1.add_and_norm(x, pending)
         x, normed = self.ln2.add_and_norm(x, self.attn(normed, token_positions, kv_cache))
-        f = self.ffn(normed)
-        return (x, f) if defer_add else x + f
+        return x, self.ffn(normed)
+
+
+def block_output(pair: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """A block's output from its (h, f): h + f, or h when nothing was deferred."""
+    h, f = pair
+    return h if f is None else h + f

@@ -87,17 +87,12 @@ class TransformerLM(nn.Module):
             # One positions tensor for every layer (each would otherwise build its own).
             start = kv_cache[0].length if kv_cache is not None else 0
             token_positions = torch.arange(start, start + token_ids.shape[-1], device=token_ids.device)
-        if self.config.post_norm:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None)
-            return self.ln_final(x)
-        # Pre-norm: each block's last residual add is done by the next norm (fused on triton).
+        # Pre-norm: each block's last residual add is done by the next norm (fused on triton);
+        # post-norm blocks defer nothing (pending stays None).
         pending = None
         for i, layer in enumerate(self.layers):
-            x, pending = layer(
-                x, token_positions, kv_cache[i] if kv_cache is not None else None, pending=pending, defer_add=True
-            )
-        if pending is None:  # no layers
+            x, pending = layer(x, token_positions, kv_cache[i] if kv_cache is not None else None, pending=pending)
+        if pending is None:
             return self.ln_final(x)
         return self.ln_final.add_and_norm(x, pending)[1]
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import model
 from kernels import get_ops, reference
-from model import ModelConfig, TransformerLM
+from model import ModelConfig, TransformerLM, block_output
 
 
 def tiny_config(**kw):
@@ -196,19 +196,21 @@ def test_blocks_with_deferred_adds_equal_the_plain_stack(ablation):
     x = torch.randint(0, 61, (2, 8))
     h = m.token_embeddings(x)
     for layer in m.layers:
-        h = layer(h)
+        h = block_output(layer(h))
     assert torch.equal(m.hidden_states(x), m.ln_final(h))
     block = m.layers[0]
     e = m.token_embeddings(x)
-    out, f = block(e, defer_add=True)
-    assert torch.equal(out + f, block(e))
-    assert torch.equal(block(e, pending=f), block(e + f))
+    out, f = block(e)
+    assert torch.equal(out + f, block_output(block(e)))
+    assert torch.equal(block_output(block(e, pending=f)), block_output(block(e + f)))
 
 
 def test_post_norm_blocks_refuse_deferred_adds():
     block = TransformerLM(tiny_config(post_norm=True)).layers[0]
+    out, f = block(torch.randn(1, 4, 32))
+    assert f is None and out.shape == (1, 4, 32)  # the same (h, f) shape; nothing deferred
     with pytest.raises(ValueError, match="post-norm"):
-        block(torch.randn(1, 4, 32), defer_add=True)
+        block(torch.randn(1, 4, 32), pending=torch.randn(1, 4, 32))
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
