@@ -167,3 +167,14 @@ def device_name(device: torch.device | str | None = None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def model_flops_utilization(
+    tokens_per_s: float | None, flops_per_token: float, peak: DevicePeak | None, dtype: str
+) -> float | None:
+    """MFU: model FLOPs per second (``flops_per_token``: 6N plus attention, no recompute, causal
+    counted dense) over the peak of the dtype the run computes in; None without a known peak."""
+    peak_tflops = peak.tflops(dtype) if peak is not None else None
+    if not tokens_per_s or not peak_tflops:
+        return None
+    return tokens_per_s * flops_per_token / (peak_tflops * 1e12)

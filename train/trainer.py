@@ -42,7 +42,7 @@ from train.checkpoint import (
 from train.config import RunConfig, compile_model, resume_differences
 from train.data import BatchSource, Prefetcher, batch_from_starts
 from train.data_prep import prepare_data
-from train.devices import device_name, lookup_peak
+from train.devices import device_name, lookup_peak, model_flops_utilization
 from train.distributed import (
     DistInfo,
     all_ranks,
@@ -194,8 +194,6 @@ class Trainer:
         # MFU against the peak of what the matmuls compute in: bf16 tensor cores under autocast,
         # plain fp32 otherwise (CPU runs report none).
         self.compute_dtype = "bf16" if on_gpu_bf16 else "fp32"
-        peak_tflops = self.peak.tflops(self.compute_dtype) if self.peak else None
-        self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
         if self.dist.is_main:
             self._write_run_files(state)
         if r.wandb and self.dist.is_main:
@@ -531,7 +529,7 @@ class Trainer:
             "grad_norm": norm,
             "tokens_per_s": tok_s,
             "step_time_ms": 1000 * dt / max(1, self.acc_steps),
-            "mfu": tok_s * self.flops_per_token / self.peak_flops if self.peak_flops and tok_s else None,
+            "mfu": model_flops_utilization(tok_s, self.flops_per_token, self.peak, self.compute_dtype),
             "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
         }
         self.last_train = train_loss
