@@ -8,6 +8,7 @@ per forward, halved when causal, 2.5x for the backward; LM head: 2 N d V forward
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,11 @@ class Case:
     unit: str  # "GB/s" or "TFLOP/s"
     modes: tuple[str, ...] = MODES
     params: dict = field(default_factory=dict)
+    backend_modes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a backend's own modes
+    convention: str = ""  # how the work is counted, where a reader needs it (attention's FLOPs)
+
+    def modes_of(self, backend: str) -> tuple[str, ...]:
+        return self.backend_modes.get(backend, self.modes)
 
 
 def _liger(name: str):
@@ -66,225 +72,323 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _with_optional(backends: dict, name: str, fn) -> dict:
-    if fn is not None:
-        backends[name] = fn
-    return backends
+def _optional(name: str, fn) -> dict:
+    return {name: fn} if fn is not None else {}
 
 
-# Shapes of the presets: (label, rows = batch x context, d_model, d_ff, heads, head_dim, T, batch, vocab)
+# Shapes of the presets: batch, context, d_model, d_ff, heads, head dim, vocab.
 PRESET_SHAPES = {
     "tinystories": dict(B=64, T=256, d=512, d_ff=1344, H=16, D=32, V=10000),
     "gpt2-small": dict(B=8, T=1024, d=768, d_ff=3072, H=12, D=64, V=50257),
     "gpt2-xl": dict(B=4, T=1024, d=1600, d_ff=6400, H=25, D=64, V=50257),
 }
+TINY = {"tiny": dict(B=2, T=16, d=32, d_ff=48, H=2, D=16, V=101)}
+
+ATTENTION_CONVENTION = (
+    "model FLOPs: 4 B H T^2 D a forward (QK^T and PV), halved when causal; backward 2.5x the forward; no recompute"
+)
 
 
-def build_cases(device: torch.device, quick: bool = False, presets: list[str] | None = None) -> list[Case]:
-    """Kernel cases for the given presets' shapes (default all); ``quick`` uses one tiny shape
-    (for CPU checks of the harness itself)."""
+@dataclass(frozen=True)
+class OpTable:
+    """One op's benchmark cases, as data: its shapes, inputs, backends and the work each mode does.
+
+    ``shapes(presets, quick)`` -> one dict per case (the preset's dims plus a ``label``);
+    ``inputs(s, rq, device)`` -> the case's inputs (``rq(*shape, scale=)`` makes a float input that
+    requires grad); ``work[mode] * size(s)`` is the case's bytes (times the element size) or FLOPs;
+    ``backends(ours)`` -> name -> callable, ``ours`` being the triton op namespace or None."""
+
+    op: str
+    shapes: Callable[[dict, bool], list[dict]]
+    label: Callable[[dict], str]
+    inputs: Callable[[dict, Callable, torch.device], list]
+    size: Callable[[dict], float]
+    work: dict[str, float]
+    backends: Callable[[object], dict]
+    unit: str = "GB/s"
+    modes: tuple[str, ...] = MODES
+    backend_modes: Callable[[object], dict] = lambda ours: {}
+    convention: str = ""
+    bytes_per_element: bool = True  # work counts elements (GB/s); False: FLOPs
+
+
+def _per_preset(extra=lambda label, s: {}):
+    """Shapes: one per preset (the preset's dims), with ``extra`` updating or adding fields."""
+
+    def shapes(presets, quick):
+        return [{**s, "label": label, **extra(label, s)} for label, s in presets.items()]
+
+    return shapes
+
+
+def _fixed(*shapes: dict):
+    """Shapes independent of the presets (long-context attention, the fused head), left out when quick."""
+    return lambda presets, quick: [] if quick else list(shapes)
+
+
+def _rows(s):
+    return s["B"] * s["T"]
+
+
+def _sdpa(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _rope_ref(q, k, pos, theta):
+    return reference.rope(q, pos, theta), reference.rope(k, pos, theta)
+
+
+def _matmul_ce(x, w, t):
+    return F.cross_entropy((x @ w.t()).float(), t)
+
+
+def _ours(ours, name: str) -> dict:
+    return {"ours": getattr(ours, name)} if ours is not None else {}
+
+
+def _nondeterministic_attention(ours):
+    """Our attention's backward with ``deterministic=False``, where the kernel takes that argument."""
+    if ours is None:
+        return {}
+    try:
+        if "deterministic" not in inspect.signature(ours.attention).parameters:
+            return {}
+    except (TypeError, ValueError):
+        return {}
+    return {"ours-nondet": lambda q, k, v, causal: ours.attention(q, k, v, causal=causal, deterministic=False)}
+
+
+def _attention_table(op_shapes, backends, modes=MODES) -> OpTable:
+    return OpTable(
+        "attention",
+        op_shapes,
+        lambda s: f"{s['label']} B{s['B']} H{s['H']} T{s['T']} D{s['D']} causal",
+        lambda s, rq, dev: [rq(s["B"], s["H"], s["T"], s["D"]) for _ in range(3)] + [True],
+        lambda s: 4 * s["B"] * s["H"] * s["T"] ** 2 * s["D"] * 0.5,  # causal
+        {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5},
+        lambda ours: {**backends, **_ours(ours, "attention"), **_nondeterministic_attention(ours)},
+        unit="TFLOP/s",
+        modes=modes,
+        # the non-deterministic variant differs only in its backward
+        backend_modes=lambda ours: {"ours-nondet": tuple(m for m in modes if m != "fwd")},
+        convention=ATTENTION_CONVENTION,
+        bytes_per_element=False,
+    )
+
+
+# In this order (a time-limited run measures the first ones first). Bandwidth-bound work is the
+# minimum traffic: each input read once, each output written once (elements; times the element size).
+OP_TABLES: list[OpTable] = [
+    OpTable(
+        "rms_norm",
+        lambda presets, quick: [
+            {"label": label, "rows": _rows(s), "n": n}
+            for label, s in presets.items()
+            for n in [s["d"]] + ([4096] if label == "gpt2-small" and not quick else [])
+        ],
+        lambda s: f"{s['label']} {s['rows']}x{s['n']}",
+        lambda s, rq, dev: [rq(s["rows"], s["n"]), rq(s["n"]), 1e-5],
+        lambda s: s["rows"] * s["n"],
+        {"fwd": 2, "bwd": 3, "fwd+bwd": 5},
+        lambda ours: {
+            "torch": reference.rms_norm,
+            "compile": _compiled(reference.rms_norm),
+            "builtin": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps),
+            **_ours(ours, "rms_norm"),
+            **_optional("liger", _liger("rms_norm")),
+        },
+    ),
+    OpTable(
+        "swiglu",
+        _per_preset(),
+        lambda s: f"{s['label']} {_rows(s)}x{s['d_ff']}",
+        lambda s, rq, dev: [rq(_rows(s), s["d_ff"]), rq(_rows(s), s["d_ff"])],
+        lambda s: _rows(s) * s["d_ff"],
+        {"fwd": 3, "bwd": 5, "fwd+bwd": 8},
+        lambda ours: {
+            "torch": reference.swiglu,
+            "compile": _compiled(reference.swiglu),
+            **_ours(ours, "swiglu"),
+            **_optional("liger", _liger("swiglu")),
+        },
+    ),
+    OpTable(
+        "rope_qk",
+        _per_preset(),
+        lambda s: f"{s['label']} B{s['B']} T{s['T']} H{s['H']} D{s['D']}",
+        lambda s, rq, dev: [
+            rq(s["B"], s["T"], s["H"], s["D"]),
+            rq(s["B"], s["T"], s["H"], s["D"]),
+            torch.arange(s["T"], device=dev)[:, None],
+            10000.0,
+        ],
+        lambda s: _rows(s) * s["H"] * s["D"],
+        {"fwd": 4, "bwd": 4, "fwd+bwd": 8},
+        lambda ours: {"torch": _rope_ref, "compile": _compiled(_rope_ref), **_ours(ours, "rope_qk")},
+    ),
+    _attention_table(
+        _per_preset(),
+        {"torch": reference.attention, "compile": _compiled(reference.attention), "builtin": _sdpa},
+    ),
+    # Forward and backward together only: our forward writes the gradient as it goes and the
+    # backward only scales it, so either alone measures part of the work. Read logits, write grad.
+    OpTable(
+        "cross_entropy",
+        _per_preset(),
+        lambda s: f"{s['label']} {_rows(s)}x{s['V']}",
+        lambda s, rq, dev: [rq(_rows(s), s["V"], scale=2.0), torch.randint(0, s["V"], (_rows(s),), device=dev)],
+        lambda s: _rows(s) * s["V"],
+        {"fwd+bwd": 2},
+        lambda ours: {
+            "torch": reference.cross_entropy,
+            "compile": _compiled(reference.cross_entropy),
+            "builtin": lambda logits, t: F.cross_entropy(logits, t),
+            **_ours(ours, "cross_entropy"),
+            **_optional("liger", _liger("cross_entropy")),
+        },
+        modes=("fwd+bwd",),
+    ),
+    # FA2 paper's shapes: 16K tokens, width 2048.
+    _attention_table(
+        _fixed(*({"label": "long", "B": 4, "H": 2048 // d, "T": 4096, "D": d} for d in (64, 128))),
+        {"torch": reference.attention, "builtin": _sdpa},
+    ),
+    # No (T x T) buffer: T = 16384 runs where the reference runs out of memory (B4 H16: its fp32
+    # scores alone are 4 x 16 x 16384^2 x 4 B = 69 GB).
+    _attention_table(
+        _fixed({"label": "16k", "B": 4, "H": 16, "T": 16384, "D": 64}), {"torch": reference.attention}, modes=("fwd",)
+    ),
+    OpTable(
+        "linear_cross_entropy",
+        _fixed({"N": 16384, "d": 768, "V": 50257}),
+        lambda s: f"N{s['N']} d{s['d']} V{s['V']}",
+        lambda s, rq, dev: [
+            rq(s["N"], s["d"]),
+            rq(s["V"], s["d"], scale=0.02),
+            torch.randint(0, s["V"], (s["N"],), device=dev),
+        ],
+        lambda s: s["N"] * s["d"] * s["V"],
+        {"fwd+bwd": 6},  # 2 N d V forward, 4 N d V backward
+        lambda ours: {
+            "torch": _matmul_ce,
+            "compile": _compiled(reference.linear_cross_entropy),
+            **_ours(ours, "linear_cross_entropy"),
+            **_optional("liger", _liger("linear_cross_entropy")),
+        },
+        unit="TFLOP/s",
+        modes=("fwd+bwd",),
+        convention="2 N d V forward (logits), 4 N d V backward (dx, dW)",
+        bytes_per_element=False,
+    ),
+    # The model's fused variants. The residual add fused into the norm after it, as in the pre-norm
+    # blocks: reads x and r, writes h and y; the backward reads dy, dh and h and writes dx.
+    OpTable(
+        "add_rms_norm",
+        _per_preset(),
+        lambda s: f"{s['label']} {_rows(s)}x{s['d']}",
+        lambda s, rq, dev: [rq(_rows(s), s["d"]), rq(_rows(s), s["d"]), rq(s["d"]), 1e-5],
+        lambda s: _rows(s) * s["d"],
+        {"fwd": 4, "bwd": 4, "fwd+bwd": 8},
+        lambda ours: {
+            "torch": reference.add_rms_norm,
+            "compile": _compiled(reference.add_rms_norm),
+            **_ours(ours, "add_rms_norm"),
+        },
+    ),
+    # SwiGLU on the packed [gate | up] output of the model's single w1/w3 matmul: the same traffic
+    # as the two-input op, its gradient written as one (rows, 2 d_ff) tensor.
+    OpTable(
+        "swiglu_packed",
+        _per_preset(),
+        lambda s: f"{s['label']} {_rows(s)}x2x{s['d_ff']}",
+        lambda s, rq, dev: [rq(_rows(s), 2 * s["d_ff"])],
+        lambda s: _rows(s) * s["d_ff"],
+        {"fwd": 3, "bwd": 5, "fwd+bwd": 8},
+        lambda ours: {
+            "torch": reference.swiglu_packed,
+            "compile": _compiled(reference.swiglu_packed),
+            **_ours(ours, "swiglu_packed"),
+        },
+    ),
+    # The optimizer step over a preset's parameters: our fused AdamW, our foreach AdamW (what the
+    # torch backend trains with) and PyTorch's own fused AdamW. Read p, g, m, v and write p, m, v
+    # once, fp32 (the parameters are fp32 whatever the case's dtype).
+    OpTable(
+        "adamw",
+        lambda presets, quick: [
+            {"label": label, "numels": [4000, 32, 3000, 1] if quick else _param_numels(label)} for label in presets
+        ],
+        lambda s: f"{s['label']} {sum(s['numels']) / 1e6:.1f}M params in {len(s['numels'])} tensors",
+        lambda s, rq, dev: _params_with_grads(s["numels"], dev),
+        lambda s: sum(s["numels"]),
+        {"fwd": 7},
+        lambda ours: {
+            "torch": _stepper(lambda ps: AdamW(ps, lr=1e-4)),
+            **({"ours": _stepper(lambda ps: AdamW(ps, lr=1e-4, fused=True))} if ours is not None else {}),
+            "builtin": _stepper(lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        },
+        modes=("fwd",),
+    ),
+]
+
+
+def build_cases(
+    device: torch.device, quick: bool = False, presets: list[str] | None = None, errors: list[str] | None = None
+) -> list[Case]:
+    """Kernel cases of ``OP_TABLES`` for the given presets' shapes (default all); ``quick`` uses one
+    tiny shape (for CPU checks of the harness itself). A table that fails to build is left out, its
+    error appended to ``errors`` (when given; else raised), so one broken op costs only its rows."""
     # Our kernels on a GPU, or on a CPU through Triton's interpreter (correct there, not fast: the
     # harness test uses it to exercise every mode of every op).
-    triton_ops = get_ops("triton") if device.type == "cuda" or interpreting() else None
+    ours = get_ops("triton") if device.type == "cuda" or interpreting() else None
     if quick:
-        presets = {"tiny": dict(B=2, T=16, d=32, d_ff=48, H=2, D=16, V=101)}
+        chosen = TINY
     else:
         unknown = set(presets or []) - set(PRESET_SHAPES)
         if unknown:
             raise ValueError(f"unknown benchmark presets {sorted(unknown)}; known: {', '.join(PRESET_SHAPES)}")
-        presets = {k: v for k, v in PRESET_SHAPES.items() if presets is None or k in presets}
+        chosen = {k: v for k, v in PRESET_SHAPES.items() if presets is None or k in presets}
     cases: list[Case] = []
-
-    def rq(*shape, dtype, scale=1.0):
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype).requires_grad_()
-
-    for label, s in presets.items():
-        rows = s["B"] * s["T"]
-        widths = [s["d"]] + ([4096] if label == "gpt2-small" and not quick else [])
-        for n in widths:
-            b = {
-                "torch": reference.rms_norm,
-                "compile": _compiled(reference.rms_norm),
-                "builtin": lambda x, w, eps: F.rms_norm(x, (x.shape[-1],), w, eps),
-            }
-            if triton_ops:
-                b["ours"] = triton_ops.rms_norm
-            _with_optional(b, "liger", _liger("rms_norm"))
-            cases.append(
-                Case(
-                    "rms_norm",
-                    f"{label} {rows}x{n}",
-                    lambda dev, dt, rows=rows, n=n: [rq(rows, n, dtype=dt), rq(n, dtype=dt), 1e-5],
-                    b,
-                    lambda mode, e, rows=rows, n=n: {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * rows * n * e,
-                    "GB/s",
-                )
-            )
-        b = {"torch": lambda g, u: reference.swiglu(g, u), "compile": _compiled(reference.swiglu)}
-        if triton_ops:
-            b["ours"] = triton_ops.swiglu
-        _with_optional(b, "liger", _liger("swiglu"))
-        cases.append(
-            Case(
-                "swiglu",
-                f"{label} {rows}x{s['d_ff']}",
-                lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, f, dtype=dt), rq(rows, f, dtype=dt)],
-                b,
-                lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e,
-                "GB/s",
-            )
-        )
-
-        def rope_ref(q, k, pos, theta):
-            return reference.rope(q, pos, theta), reference.rope(k, pos, theta)
-
-        b = {"torch": rope_ref, "compile": _compiled(rope_ref)}
-        if triton_ops:
-            b["ours"] = triton_ops.rope_qk
-        cases.append(
-            Case(
-                "rope_qk",
-                f"{label} B{s['B']} T{s['T']} H{s['H']} D{s['D']}",
-                lambda dev, dt, s=s: [
-                    rq(s["B"], s["T"], s["H"], s["D"], dtype=dt),
-                    rq(s["B"], s["T"], s["H"], s["D"], dtype=dt),
-                    torch.arange(s["T"], device=dev)[:, None],
-                    10000.0,
-                ],
-                b,
-                lambda mode, e, r=rows * s["H"] * s["D"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * r * e,
-                "GB/s",
-            )
-        )
-        b = {
-            "torch": reference.attention,
-            "compile": _compiled(reference.attention),
-            "builtin": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-        }
-        if triton_ops:
-            b["ours"] = triton_ops.attention
-        cases.append(_attention_case(label, s["B"], s["H"], s["T"], s["D"], b, rq))
-        b = {
-            "torch": reference.cross_entropy,
-            "compile": _compiled(reference.cross_entropy),
-            "builtin": lambda logits, t: F.cross_entropy(logits, t),
-        }
-        if triton_ops:
-            b["ours"] = triton_ops.cross_entropy
-        _with_optional(b, "liger", _liger("cross_entropy"))
-        cases.append(
-            Case(
-                "cross_entropy",
-                f"{label} {rows}x{s['V']}",
-                lambda dev, dt, rows=rows, v=s["V"]: [
-                    rq(rows, v, dtype=dt, scale=2.0),
-                    torch.randint(0, v, (rows,), device=dev),
-                ],
-                b,
-                lambda mode, e, n=rows * s["V"]: {"fwd": 1, "bwd": 2, "fwd+bwd": 2}[mode] * n * e,
-                "GB/s",
-            )
-        )
-    if not quick:
-        for d in (64, 128):
-            b = {
-                "torch": reference.attention,
-                "builtin": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-            }
-            if triton_ops:
-                b["ours"] = triton_ops.attention
-            cases.append(_attention_case("long", 4, 2048 // d, 4096, d, b, rq))  # FA2 paper: 16K tokens, width 2048
-        # No (T x T) buffer: T = 16384 runs where the reference runs out of memory.
-        b = {"torch": reference.attention}
-        if triton_ops:
-            b["ours"] = triton_ops.attention
-        # B4 H16: the reference's fp32 scores alone are 4 x 16 x 16384^2 x 4 B = 69 GB.
-        cases.append(_attention_case("16k", 4, 16, 16384, 64, b, rq, modes=("fwd",)))
-        n, d, v = 16384, 768, 50257
-
-        def matmul_ce(x, w, t):
-            return F.cross_entropy((x @ w.t()).float(), t)
-
-        b = {"torch": matmul_ce, "compile": _compiled(reference.linear_cross_entropy)}
-        if triton_ops:
-            b["ours"] = triton_ops.linear_cross_entropy
-        _with_optional(b, "liger", _liger("linear_cross_entropy"))
-        cases.append(
-            Case(
-                "linear_cross_entropy",
-                f"N{n} d{d} V{v}",
-                lambda dev, dt: [
-                    rq(n, d, dtype=dt),
-                    rq(v, d, dtype=dt, scale=0.02),
-                    torch.randint(0, v, (n,), device=dev),
-                ],
-                b,
-                lambda mode, e: {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * n * d * v,
-                "TFLOP/s",
-            )
-        )
-    # Last (a time-limited run measures the ops above first): the model's fused variants. The
-    # residual add fused into the norm after it, as in the pre-norm blocks: reads x and r, writes
-    # h and y; the backward reads dy, dh and h and writes dx.
-    for label, s in presets.items():
-        b = {"torch": reference.add_rms_norm, "compile": _compiled(reference.add_rms_norm)}
-        if triton_ops:
-            b["ours"] = triton_ops.add_rms_norm
-        rows = s["B"] * s["T"]
-        cases.append(
-            Case(
-                "add_rms_norm",
-                f"{label} {rows}x{s['d']}",
-                lambda dev, dt, rows=rows, n=s["d"]: [
-                    rq(rows, n, dtype=dt),
-                    rq(rows, n, dtype=dt),
-                    rq(n, dtype=dt),
-                    1e-5,
-                ],
-                b,
-                lambda mode, e, n=rows * s["d"]: {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * n * e,
-                "GB/s",
-            )
-        )
-        # SwiGLU on the packed [gate | up] output of the model's single w1/w3 matmul: the same
-        # traffic as the two-input op, its gradient written as one (rows, 2 d_ff) tensor.
-        b = {"torch": reference.swiglu_packed, "compile": _compiled(reference.swiglu_packed)}
-        if triton_ops:
-            b["ours"] = triton_ops.swiglu_packed
-        cases.append(
-            Case(
-                "swiglu_packed",
-                f"{label} {rows}x2x{s['d_ff']}",
-                lambda dev, dt, rows=rows, f=s["d_ff"]: [rq(rows, 2 * f, dtype=dt)],
-                b,
-                lambda mode, e, n=rows * s["d_ff"]: {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode] * n * e,
-                "GB/s",
-            )
-        )
-    # The optimizer step over a preset's parameters: our fused AdamW, our foreach AdamW (what the
-    # torch backend trains with) and PyTorch's own fused AdamW. Minimum traffic: read p, g, m, v
-    # and write p, m, v once, fp32.
-    for label in presets:
-        numels = [4000, 32, 3000, 1] if quick else _param_numels(label)
-        b = {
-            "torch": _stepper(lambda ps: AdamW(ps, lr=1e-4)),
-            "ours": _stepper(lambda ps: AdamW(ps, lr=1e-4, fused=True)),
-            "builtin": _stepper(lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
-        }
-        if not triton_ops:
-            del b["ours"]
-        cases.append(
-            Case(
-                "adamw",
-                f"{label} {sum(numels) / 1e6:.1f}M params in {len(numels)} tensors",
-                lambda dev, dt, numels=numels: _params_with_grads(numels, dev),
-                b,
-                lambda mode, e, n=sum(numels): 7 * n * e,
-                "GB/s",
-                modes=("fwd",),
-            )
-        )
+    for table in OP_TABLES:
+        try:
+            cases.extend(_table_cases(table, chosen, quick, ours))
+        except Exception as e:
+            if errors is None:
+                raise
+            errors.append(f"{table.op}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     return cases
+
+
+def _table_cases(table: OpTable, presets: dict, quick: bool, ours) -> list[Case]:
+    backends = table.backends(ours)
+    backend_modes = table.backend_modes(ours)
+    out = []
+    for s in table.shapes(presets, quick):
+
+        def make(dev, dt, s=s):
+            def rq(*shape, scale=1.0):
+                return (torch.randn(*shape, device=dev, dtype=torch.float32) * scale).to(dt).requires_grad_()
+
+            return table.inputs(s, rq, dev)
+
+        def work(mode, e, s=s):
+            return table.work[mode] * table.size(s) * (e if table.bytes_per_element else 1)
+
+        out.append(
+            Case(
+                table.op,
+                table.label(s),
+                make,
+                dict(backends),
+                work,
+                table.unit,
+                table.modes,
+                params=dict(s),
+                backend_modes={b: m for b, m in backend_modes.items() if b in backends},
+                convention=table.convention,
+            )
+        )
+    return out
 
 
 def _param_numels(preset_name: str) -> list[int]:
@@ -317,20 +421,6 @@ def _stepper(build):
     return step
 
 
-def _attention_case(label, B, H, T, D, backends, rq, modes=MODES) -> Case:
-    flops = 4 * B * H * T * T * D * 0.5  # causal
-
-    return Case(
-        "attention",
-        f"{label} B{B} H{H} T{T} D{D} causal",
-        lambda dev, dt: [rq(B, H, T, D, dtype=dt), rq(B, H, T, D, dtype=dt), rq(B, H, T, D, dtype=dt), True],
-        backends,
-        lambda mode, e: {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode] * flops,
-        "TFLOP/s",
-        modes,
-    )
-
-
 def scalarize(out):
     if isinstance(out, tuple):
         return sum(o.float().sum() for o in out)
@@ -361,6 +451,8 @@ def run_case(
         "mode": mode,
         "dtype": str(dtype).replace("torch.", ""),
     }
+    if case.convention:
+        row["convention"] = case.convention
     try:
         inputs = case.make(device, dtype)
         tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]

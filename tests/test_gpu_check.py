@@ -139,3 +139,45 @@ def test_bad_budget_and_injection_are_one_line_errors(tmp_path):
     assert parse_inject("kernels:hang, e2e:error") == {"kernels": "hang", "e2e": "error"}
     with pytest.raises(SystemExit, match="GPU_CHECK_INJECT"):
         parse_inject("kernels:explode")
+
+
+def test_attention_cases_add_the_nondeterministic_backward_only_where_the_kernel_takes_it(monkeypatch):
+    import torch
+
+    from bench import kernel_cases
+
+    def deterministic_only(q, k, v, causal=True):
+        return q
+
+    def with_flag(q, k, v, causal=True, deterministic=True):
+        return q * (2 if deterministic else 3)
+
+    table = next(t for t in kernel_cases.OP_TABLES if t.op == "attention")
+    for fn, expected in ((deterministic_only, False), (with_flag, True)):
+        ours = type("Ops", (), {"attention": staticmethod(fn)})()
+        case = kernel_cases._table_cases(table, kernel_cases.TINY, True, ours)[0]
+        assert ("ours-nondet" in case.backends) is expected
+        if expected:
+            # its backward only, and it passes deterministic=False through
+            assert case.modes_of("ours-nondet") == ("bwd", "fwd+bwd") and case.modes_of("ours") == kernel_cases.MODES
+            q = torch.ones(1)
+            assert case.backends["ours-nondet"](q, q, q, True).item() == 3
+
+
+def test_a_table_that_fails_to_build_costs_only_its_cases(monkeypatch):
+    import torch
+
+    from bench import kernel_cases
+
+    broken = kernel_cases.OpTable(
+        "broken", lambda presets, quick: 1 / 0, str, lambda s, rq, dev: [], len, {"fwd": 1}, lambda ours: {}
+    )
+    monkeypatch.setattr(kernel_cases, "OP_TABLES", [broken, *kernel_cases.OP_TABLES])
+    errors = []
+    cases = kernel_cases.build_cases(torch.device("cpu"), quick=True, errors=errors)
+    assert errors == ["broken: ZeroDivisionError: division by zero"]
+    assert {c.op for c in cases} >= {"rms_norm", "attention", "cross_entropy", "adamw"}
+    with pytest.raises(ZeroDivisionError):
+        kernel_cases.build_cases(torch.device("cpu"), quick=True)
+    # cross-entropy rows are forward and backward together (either alone is part of the work)
+    assert {c.modes for c in cases if c.op == "cross_entropy"} == {("fwd+bwd",)}
