@@ -3,6 +3,7 @@ section that hangs or raises. The whole script runs on the CPU here, its CUDA pa
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -181,3 +182,57 @@ def test_a_table_that_fails_to_build_costs_only_its_cases(monkeypatch):
         kernel_cases.build_cases(torch.device("cpu"), quick=True)
     # cross-entropy rows are forward and backward together (either alone is part of the work)
     assert {c.modes for c in cases if c.op == "cross_entropy"} == {("fwd+bwd",)}
+
+
+def _gpu_results(out: Path) -> None:
+    meta = {"device": "NVIDIA H200", "device_type": "cuda", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+            "git_commit": "abcdef1234567890", "date": "2026-12-02T00:00:00+00:00"}  # fmt: skip
+    kernel = dict(kind="kernel", op="rms_norm", shape="tinystories 16384x512", mode="fwd", dtype="bfloat16")
+    rows = [
+        dict(kind="peaks", measured_copy_gbs=4300.0, measured_matmul_tflops=790.0),
+        {**kernel, "backend": "ours", "ms": 0.0125, "gb_s": 2684.0, "pct_of_peak": 62.4},
+        {**kernel, "backend": "torch", "ms": 0.05, "gb_s": 671.0, "pct_of_peak": 15.6},
+        dict(
+            kind="kernel",
+            op="attention",
+            shape="long B4 H16 T4096 D128 causal",
+            mode="fwd+bwd",
+            backend="ours",
+            ms=3.0,
+            tflops=320.0,
+            pct_of_peak=40.5,
+        ),  # fmt: skip
+        dict(kind="e2e", preset="tinystories", backend="triton", batch_size=64, tokens_per_s=2.0e6, mfu=0.23),
+    ]
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "run.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    goals = [{"goal": "kernel rms_norm", "status": "measured", "detail": "62% of copy bw"}]
+    timeline = [{"section": "kernels", "seconds": 90.0, "limit_s": 110.0, "status": "ok"}]
+    (out / "summary.json").write_text(json.dumps({"budget_s": 420, "goals": goals, "timeline": timeline}))
+
+
+def test_ingest_commits_results_and_fills_the_measured_columns(tmp_path):
+    from bench.ingest import BEGIN, ingest
+
+    out, results, notes = tmp_path / "out", tmp_path / "results", tmp_path / "NOTES.md"
+    _gpu_results(out)
+    shutil.copyfile(ROOT / "bench" / "NOTES.md", notes)
+    ingest(out, results, notes)
+    assert sorted(f.name for f in results.iterdir()) == ["run.json", "run.summary.json"]
+    text = notes.read_text()
+    rms = next(ln for ln in text.splitlines() if ln.startswith("| RMSNorm 16384 x 512 (TinyStories) | fwd |"))
+    assert rms.endswith("| 12.5 us, 2684 GB/s, 62% of measured copy bw (1.60x its floor), 4.00x torch; abcdef1 |")
+    # "attention same" is the row above's case
+    same = next(ln for ln in text.splitlines() if ln.startswith("| attention same | fwd+bwd |"))
+    assert "3.00 ms, 320 TFLOP/s, 40% of measured bf16 matmul" in same
+    assert text.count(BEGIN) == 1 and "| kernel rms_norm | measured | 62% of copy bw |" in text
+    assert "| tinystories | triton | 64 | 2,000,000 | 23.0% | - |" in text
+    ingest(out, results, notes)
+    assert notes.read_text() == text  # the same output twice: the same notes
+
+
+def test_ingest_refuses_what_is_not_a_gpu_check_output(tmp_path):
+    from bench.ingest import ingest
+
+    with pytest.raises(SystemExit, match="no results file under"):
+        ingest(tmp_path, tmp_path / "r", tmp_path / "NOTES.md")
