@@ -84,7 +84,11 @@ class RunDir:
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files of writes a killed process never finished (ours only)."""
-        stale = [*self.checkpoints.glob("step_*.pt.*.tmp"), *self.path.glob("*.json.tmp")]
+        stale = [
+            *self.checkpoints.glob("step_*.pt.*.tmp"),
+            *self.path.glob("*.json.tmp"),
+            *self.path.glob("*.jsonl.tmp"),
+        ]
         stale += [p for p in self.path.glob("tokenizer.*.tmp") if p.is_dir()]
         for p in stale:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
