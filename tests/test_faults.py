@@ -300,6 +300,16 @@ def test_read_only_run_directory_is_one_line(tmp_path, token_file, mount_tmpfs):
     assert str(ro / "x") in line and "--out-dir" in line
 
 
+def test_read_only_data_directory_is_one_line(tmp_path, shared_data, mount_tmpfs):
+    ro = mount_tmpfs("rodata", read_only=True)
+    cmd = [sys.executable, "-m", "train", *SMOKE, "--train-text", str(shared_data / "corpus.en")]
+    cmd += ["--data-dir", str(ro / "cache"), "--out-dir", str(tmp_path), "--run-name", "rd", "--max-steps", "2"]
+    r = run(cmd)
+    assert r.returncode == 1
+    line = one_line_error(r.stderr)
+    assert str(ro / "cache") in line and "--data-dir" in line
+
+
 def test_full_disk_at_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, token_file, mount_tmpfs):
     small = mount_tmpfs("small", size="400k")
     r = run(train_cmd(small, "f", token_file, "--max-steps", "2", "--checkpoint-interval", "2"))
