@@ -1,6 +1,5 @@
 """The shell entry points parse (bash -n), and the GPU check's structure stays within its limits."""
 
-import re
 import subprocess
 from pathlib import Path
 
@@ -18,11 +17,11 @@ def test_shell_script_parses(script):
     assert r.returncode == 0, r.stderr
 
 
-def test_gpu_check_fits_in_eight_minutes():
-    text = (ROOT / "bench" / "gpu_check.sh").read_text()
-    limits = [int(x) for x in re.findall(r"timeout (?:-k \d+ )?(\d+) ", text)]
-    kills = [int(x) for x in re.findall(r"timeout -k (\d+) ", text)]
-    # the training runs happen twice (torch and triton backends)
-    train = [int(x) for x in re.findall(r"timeout -k \d+ (\d+) python -m train", text)]
-    total = sum(limits) + sum(train) + 2 * sum(kills)
-    assert total + 20 <= 480, f"GPU check sections add up to {total} s"
+def test_gpu_check_fits_in_its_slot():
+    # The runner enforces its total budget itself (tests/test_gpu_check.py runs it on the CPU); the
+    # default leaves the machine's start and the transfers room inside a 10-minute command, and the
+    # files it returns room under the device tool's 8.
+    from bench.gpu_check import DEFAULT_BUDGET_S, MAX_FILES
+
+    assert DEFAULT_BUDGET_S <= 420 and MAX_FILES <= 6
+    assert "exec python3 -m bench.gpu_check" in (ROOT / "bench" / "gpu_check.sh").read_text()
