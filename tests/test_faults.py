@@ -379,3 +379,26 @@ def test_signal_during_data_preparation_ends_with_a_summary(tmp_path, shared_dat
     summary = json.loads((tmp_path / "runs" / "p" / "summary.json").read_text())
     assert summary["status"] == "interrupted by SIGUSR1" and summary["step"] == 0
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, token_file):
+    # Two gloo processes under torchrun; SIGUSR1 reaches rank 1 only. The ranks agree at the next
+    # log interval: one checkpoint (rank 0's), both exit with the paused code at the same step.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544"]
+    cmd += train_cmd(tmp_path, "two", token_file, "--max-steps", "3000", "--log-interval", "2")[1:]
+    cmd += ["--checkpoint-interval", "1000", "--batch-size", "8", "--eval-interval", "1000"]
+    proc = _start_and_wait_for_training(cmd, tmp_path / "two")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    ranks = {}
+    for pid in workers:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks[int(next(e for e in env if e.startswith(b"RANK=")).split(b"=")[1])] = int(pid)
+    os.kill(ranks[1], signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["status"] == "interrupted by SIGUSR1", err[-2000:]
+    ckpts = list((tmp_path / "two" / "checkpoints").glob("step_*.pt"))
+    assert [int(p.stem.split("_")[1]) for p in ckpts] == [summary["step"]]
+    assert "exitcode  : 3" in err or "exitcode: 3" in err or proc.returncode == 3, err[-2000:]
