@@ -286,11 +286,35 @@ class Check:
         self.log(f"=== [{self.elapsed():5.0f} s] done (budget {self.budget_s:.0f} s) ===")
         (self.work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         shutil.copyfile(self.work / "summary.json", self.out / "summary.json")
+        self._stamp_commit()
         self._tidy()
         self._archive(report_dir)
         self._log.close()
         shutil.rmtree(self.work, ignore_errors=True)
         return summary
+
+    def _stamp_commit(self) -> None:
+        """The device box gets a copy of the working tree without .git, so the results record no
+        commit: take it from GPU_CHECK_COMMIT (the command line names it) or the one
+        scripts/prepare_gpu_data.sh wrote beside the data, saying which."""
+        commit, source = os.environ.get("GPU_CHECK_COMMIT"), "GPU_CHECK_COMMIT"
+        carried = Path(os.environ.get("GPU_DATA", ROOT / ".gpu_data")) / "commit.txt"
+        if not commit and carried.exists():
+            commit, source = carried.read_text().strip(), "prepare_gpu_data.sh"
+        if not commit:
+            return
+        for f in (self.out / "results").glob("*.json"):
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("meta", {}).get("git_commit"):
+                continue
+            data.setdefault("meta", {}).update(git_commit=commit, git_commit_source=source)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1, default=str))
+            os.replace(tmp, f)
+            self.log(f"{f.name}: commit {commit[:12]} from {source} (no .git on this machine)")
 
     def _archive(self, report_dir: Path) -> None:
         path = self.work / "read_later.tar.gz"

@@ -187,17 +187,22 @@ def training_steps(check):
 
 # -- 6. compiled and CUDA-graph variants, larger shapes ------------------------------------------
 def compiled_steps(check):
-    env = {"BENCH_BACKENDS": "compile", "GPU_CHECK_SECTION": "compiled"}
-    yield Step("kernels compiled", [[*PYTEST, *BENCH_FLAGS, "bench/test_bench_kernels.py"]], env, _show)
-    cases = "tinystories:triton:1,tinystories:torch:1,tinystories:triton:reduce-overhead,gpt2-small:triton:0"
+    # Each step may take a part of what is left, so one cold compile cannot starve the rest.
+    bench = lambda f, *k: [[*PYTEST, *BENCH_FLAGS, f"bench/{f}", *k]]  # noqa: E731
+    cases = "tinystories:triton:1,tinystories:torch:1,tinystories:triton:reduce-overhead"
     env = {"BENCH_E2E": cases, "GPU_CHECK_SECTION": "compiled"}
-    yield Step(
-        "train step compiled", [[*PYTEST, *BENCH_FLAGS, "bench/test_bench_e2e.py", "-k", "train_step_gpu"]], env, _show
-    )
+    yield Step("train step compiled", bench("test_bench_e2e.py", "-k", "train_step_gpu"), env, _show,
+               max_s=0.45 * check.section_left())  # fmt: skip
+    env = {"BENCH_BACKENDS": "compile", "GPU_CHECK_SECTION": "compiled"}
+    yield Step("kernels compiled", bench("test_bench_kernels.py"), env, _show, max_s=0.5 * check.section_left())
+    env = {"BENCH_E2E": "gpt2-small:triton:0,gpt2-small:torch:0", "GPU_CHECK_SECTION": "compiled"}
+    yield Step("train step gpt2-small", bench("test_bench_e2e.py", "-k", "train_step_gpu"), env, _show,
+               max_s=0.4 * check.section_left())  # fmt: skip
     env = {"GPU_CHECK_SECTION": "compiled"}
-    yield Step("largest batch", [[*PYTEST, *BENCH_FLAGS, "bench/test_bench_e2e.py", "-k", "largest_batch"]], env, _show)
+    yield Step("largest batch", bench("test_bench_e2e.py", "-k", "largest_batch"), env, _show,
+               max_s=0.5 * check.section_left())  # fmt: skip
     env = {"BENCH_PRESETS": "gpt2-xl", "BENCH_BACKENDS": "ours,torch,builtin", "GPU_CHECK_SECTION": "compiled"}
-    yield Step("gpt2-xl kernels", [[*PYTEST, *BENCH_FLAGS, "bench/test_bench_kernels.py"]], env, _show)
+    yield Step("gpt2-xl kernels", bench("test_bench_kernels.py"), env, _show)
 
 
 SECTIONS = [

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -147,7 +146,7 @@ def update_notes(text: str, section: str) -> str:
     return text[:at] + section + "\n\n" + text[at:]
 
 
-def ingest(out: Path, results_dir: Path = RESULTS_DIR, notes: Path = NOTES) -> list[str]:
+def ingest(out: Path, results_dir: Path = RESULTS_DIR, notes: Path = NOTES, commit: str | None = None) -> list[str]:
     files = sorted((out / "results").glob("*.json"))
     if not files:
         raise SystemExit(f"bench.ingest: no results file under {out / 'results'} (is {out} a GPU check's output?)")
@@ -158,9 +157,16 @@ def ingest(out: Path, results_dir: Path = RESULTS_DIR, notes: Path = NOTES) -> l
     for f in files:
         data = json.loads(f.read_text())
         meta, rows = data.get("meta", {}), data.get("rows", [])
-        if not meta.get("device") or not meta.get("git_commit"):
-            raise SystemExit(f"bench.ingest: {f} has no device or commit in its meta; not a results file")
-        shutil.copyfile(f, results_dir / f.name)
+        if not meta.get("device"):
+            raise SystemExit(f"bench.ingest: {f} has no device in its meta; not a results file")
+        if not meta.get("git_commit"):
+            if not commit:
+                raise SystemExit(
+                    f"bench.ingest: {f} records no commit (run the check with GPU_CHECK_COMMIT=<hash>, "
+                    "or pass --commit HASH: the commit the device ran)"
+                )
+            meta.update(git_commit=commit, git_commit_source="bench.ingest --commit")
+        (results_dir / f.name).write_text(json.dumps({**data, "meta": meta}, indent=1, default=str))
         done.append(f"copied {f.name} ({len(rows)} rows) to {results_dir}")
         if summary is not None:
             (results_dir / f"{f.stem}.summary.json").write_text(json.dumps(summary, indent=1))
@@ -180,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="the GPU check's output directory, as fetched (holds results/ and summary.json)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the results files go (default bench/results)")
     p.add_argument("--notes", default=str(NOTES), help="the notes file to fill (default bench/NOTES.md)")
+    p.add_argument("--commit", help="the commit the device ran, where its results record none")
     args = p.parse_args(argv)
     out = Path(args.out)
     if not out.is_dir():
         p.error(f"{out}: not a directory")
-    for line in ingest(out, Path(args.results_dir), Path(args.notes)):
+    for line in ingest(out, Path(args.results_dir), Path(args.notes), args.commit):
         print(line)
     return 0
 

@@ -23,4 +23,7 @@ mkdir -p .gpu_data/wheels
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform any -d .gpu_data/wheels "liger-kernel==${LIGER_VERSION:-0.8.5}" \
     || echo "Liger-Kernel wheel not fetched (no network?): the benchmarks will run without it"
+# The device gets the working tree without .git: the check stamps its results with this commit
+# (GPU_CHECK_COMMIT on its command line overrides it, if commits were made since).
+git rev-parse HEAD > .gpu_data/commit.txt 2>/dev/null || true
 ls -la .gpu_data .gpu_data/wheels

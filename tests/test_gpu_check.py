@@ -113,7 +113,9 @@ def test_a_hung_section_costs_only_its_share_and_later_ones_run(tmp_path):
     assert "before the hang" in log and "still runs" in log and "done" in log
 
 
-def test_finish_leaves_at_most_the_file_limit_and_no_tmp(tmp_path):
+def test_finish_leaves_at_most_the_file_limit_and_no_tmp(tmp_path, monkeypatch):
+    # No .git on the device box: the commit named on the command line stamps the results.
+    monkeypatch.setenv("GPU_CHECK_COMMIT", "0123456789abcdef")
     out = tmp_path / "out"
     check = Check(out, budget_s=10)
     for i in range(4):
@@ -125,7 +127,11 @@ def test_finish_leaves_at_most_the_file_limit_and_no_tmp(tmp_path):
     assert len(files) <= MAX_FILES and not [f for f in files if f.suffix == ".tmp"]
     assert {"logs.txt", "summary.json", "read_later.tar.gz"} <= {f.name for f in files}
     assert "over the 6-file limit" in (out / "logs.txt").read_text()
-    assert len(list((out / "results").glob("*.json"))) == 1
+    (kept,) = (out / "results").glob("*.json")
+    assert json.loads(kept.read_text())["meta"] == {
+        "git_commit": "0123456789abcdef",
+        "git_commit_source": "GPU_CHECK_COMMIT",
+    }
 
 
 def test_bad_budget_and_injection_are_one_line_errors(tmp_path):
@@ -236,3 +242,13 @@ def test_ingest_refuses_what_is_not_a_gpu_check_output(tmp_path):
 
     with pytest.raises(SystemExit, match="no results file under"):
         ingest(tmp_path, tmp_path / "r", tmp_path / "NOTES.md")
+    out = tmp_path / "out"
+    _gpu_results(out)
+    data = json.loads((out / "results" / "run.json").read_text())
+    data["meta"]["git_commit"] = None
+    (out / "results" / "run.json").write_text(json.dumps(data))
+    shutil.copyfile(ROOT / "bench" / "NOTES.md", tmp_path / "NOTES.md")
+    with pytest.raises(SystemExit, match="records no commit .*GPU_CHECK_COMMIT"):
+        ingest(out, tmp_path / "r", tmp_path / "NOTES.md")
+    ingest(out, tmp_path / "r", tmp_path / "NOTES.md", commit="feedbeef")
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["meta"]["git_commit"] == "feedbeef"
