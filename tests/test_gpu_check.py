@@ -252,3 +252,30 @@ def test_ingest_refuses_what_is_not_a_gpu_check_output(tmp_path):
         ingest(out, tmp_path / "r", tmp_path / "NOTES.md")
     ingest(out, tmp_path / "r", tmp_path / "NOTES.md", commit="feedbeef")
     assert json.loads((tmp_path / "r" / "run.json").read_text())["meta"]["git_commit"] == "feedbeef"
+
+
+def test_gpu_sections_steps_are_valid_commands(tmp_path, monkeypatch):
+    # The CUDA branches the CPU dry run skips: the warm-up's and the training runs' command lines.
+    from bench import gpu_check_sections as sections
+    from bench.warm import main as warm_main
+    from train.cli import resolve
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.bin").write_bytes(b"")
+    monkeypatch.setenv("GPU_DATA", str(data))
+    check = Check(tmp_path / "out", budget_s=420)
+    check.facts["device"] = {"has_cuda": True}
+    check.section_deadline = time.monotonic() + 100
+
+    warm = next(sections.kernel_steps(check))
+    assert len(warm.argvs) == 4 and 0 < warm.max_s <= 40
+    assert warm_main(warm.argvs[0][3:]) == 0  # parses (and, without CUDA, compiles nothing)
+    runs = sections.training_steps(check)
+    step = next(runs)
+    argv = step.argvs[0]
+    assert argv[1:3] == ["-m", "train"] and step.max_s == pytest.approx(50, abs=1)
+    budget = float(argv[argv.index("--time-budget") + 1])
+    assert budget < step.max_s  # stops itself (final eval, samples) before it would be killed
+    _, _, run, _ = resolve(argv[3:])
+    assert run.time_budget == budget and run.kernels == "torch"
