@@ -316,6 +316,8 @@ def test_full_disk_at_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path
     assert r.returncode == 1
     line = one_line_error(r.stderr)
     assert "no space left on device" in line and str(small / "f" / "checkpoints") in line
+    summary = json.loads((small / "f" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 1 and "no space" in summary["error"]
     assert temporaries(small / "f") == [] and list((small / "f" / "checkpoints").glob("*.pt")) == []
 
 
@@ -330,6 +332,8 @@ def test_internal_errors_keep_their_traceback(tmp_path, token_file, monkeypatch,
     code = main([*SMOKE, "--train-data", str(token_file), "--out-dir", str(tmp_path), "--max-steps", "2"])
     err = capsys.readouterr().err
     assert code == 70 and "Traceback" in err and "a bug in the step" in err
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 70
 
 
 # --- signals ---------------------------------------------------------------------------------

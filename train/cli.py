@@ -181,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.train()
     except Exception as e:
         message = _user_error(e)
+        code = EXIT_INTERNAL if message is None else EXIT_USER_ERROR
+        if trainer is not None:
+            trainer.record_failure(message or f"{type(e).__name__}: {e}", code)
         if message is None:
             traceback.print_exc()
             print("internal error (the traceback above): please report it", file=sys.stderr)
-            return EXIT_INTERNAL
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        return code
     except StopRequested as stop:  # a signal before the trainer could handle it
         print(f"stopped by {stop.signal_name} before training started", file=sys.stderr)
         return STATUS_EXIT[f"interrupted by {stop.signal_name}"]

@@ -9,6 +9,9 @@
 | 4 | interrupted by SIGTERM or SIGINT, checkpoint written (resumable) | leaves it to Slurm |
 | 64 | usage error (unknown flag, bad flag value), from argparse | ends the job |
 | 70 | internal error: a bug or a failure we did not anticipate, with its traceback | ends the job |
+
+A run stopped by an error (1 or 70) once its run directory exists leaves ``summary.json`` with
+status "failed", its exit code and the message.
 """
 
 from __future__ import annotations

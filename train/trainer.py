@@ -583,6 +583,15 @@ class Trainer:
                 self.write_samples()
         return STATUS_EXIT[status]
 
+    def record_failure(self, message: str, exit_code: int) -> None:
+        """summary.json for a run that stopped on an error (a full disk, a bug): status "failed"."""
+        if self.dist.is_main and self.run_dir.locked:
+            summary = {"status": "failed", "exit_code": exit_code, "error": message, "step": self.step}
+            try:
+                self.run_dir.write_json("summary.json", summary)
+            except (OSError, ValueError):  # the disk that failed the run may refuse this too
+                pass
+
     def _warn_error(self, message: str) -> None:
         if self.dist.is_main:
             print(f"error: {message}", file=sys.stderr)
