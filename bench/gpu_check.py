@@ -61,6 +61,7 @@ class StepResult:
     seconds: float
     lines: list[str]
     logs: list[Path]
+    own_limit: bool = False  # the step's own max_s, not the section's limit, was what it ran under
 
     @property
     def timed_out(self) -> bool:
@@ -101,6 +102,7 @@ class Check:
         self._lock = threading.Lock()
         self.env = self._base_env()
         self.last: StepResult | None = None
+        self._live: set = set()  # processes running now (killed if this runner is interrupted)
         self.section_deadline = 0.0
 
     def section_left(self) -> float:
@@ -126,6 +128,11 @@ class Check:
         return self.budget_s - self.reserve_s - self.elapsed()
 
     # -- output -----------------------------------------------------------------------------
+    def kill_all(self) -> None:
+        for p in list(self._live):
+            _kill_group(p)
+        self._live.clear()
+
     def log(self, line: str = "") -> None:
         with self._lock:
             self._log.write(line + "\n")
@@ -137,8 +144,9 @@ class Check:
         are killed). One process: its lines stream into logs.txt as printed. Several: each writes
         its own log file, read after."""
         t = time.monotonic()
-        if step.max_s is not None:
-            limit_s = min(limit_s, step.max_s)
+        own_limit = step.max_s is not None and step.max_s < limit_s
+        if own_limit:
+            limit_s = step.max_s
         deadline = t + max(0.0, limit_s)
         env = {**self.env, **step.env}
         single = len(step.argvs) == 1
@@ -166,6 +174,7 @@ class Check:
                 procs.append(None)
                 continue
             procs.append(p)
+            self._live.add(p)
             if single:
                 th = threading.Thread(target=self._pump, args=(p, fh, step.show, lines), daemon=True)
                 th.start()
@@ -184,9 +193,10 @@ class Check:
         for p, rc in zip(procs, rcs):
             if p is not None and rc is None:
                 _kill_group(p)
+            self._live.discard(p)
         for th in threads:
             th.join(timeout=3)
-        return StepResult(rcs, time.monotonic() - t, lines, logs)
+        return StepResult(rcs, time.monotonic() - t, lines, logs, own_limit)
 
     def _pump(self, proc, fh, show, lines) -> None:
         for raw in proc.stdout:
@@ -224,6 +234,11 @@ class Check:
                         step.env = {**step.env, "GPU_CHECK_INJECT_HERE": self.inject.pop(sec.name)}
                     res = self.run(step, left_s, sec.name)
                     self.last = res  # what the section's next steps read (collected test ids, say)
+                    if res.timed_out and res.own_limit:
+                        self.log(
+                            f"  !! '{step.label}' stopped at its own limit ({step.max_s:.0f} s); the section goes on"
+                        )
+                        continue
                     if res.timed_out:
                         running = [ln for ln in res.lines if ln.strip()][-1:] or ["(no output)"]
                         self.log(f"  !! '{step.label}' cut off at the section's limit; last line: {running[0][:160]}")
@@ -432,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check.run_sections([Section(**s) for s in SECTIONS])
     except KeyboardInterrupt:
+        check.kill_all()  # they run in their own sessions: nothing else would end them
         check.log("!! interrupted: writing the summary with what was measured")
     check.finish(GOALS)
     return 0

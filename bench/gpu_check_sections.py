@@ -106,7 +106,7 @@ def kernel_steps(check):
         for log in check.last.logs:
             for line in log.read_text(errors="replace").splitlines()[-6:]:
                 check.log(f"  warm: {line}")
-    env = {"BENCH_BACKENDS": "ours,torch,builtin,liger", "GPU_CHECK_SECTION": "kernels"}
+    env = {"BENCH_BACKENDS": "ours,ours-nondet,torch,builtin,liger", "GPU_CHECK_SECTION": "kernels"}
     yield Step("kernels", [[*PYTEST, *BENCH_FLAGS, "bench/test_bench_kernels.py"]], env=env, show=_show)
 
 
@@ -250,21 +250,24 @@ def _kernel_goal(op, section="kernels", backend="ours", shape=None):
             r
             for r in rows
             if r.get("kind") == "kernel"
-            and r.get("op") == op
+            and op in (None, r.get("op"))
             and r.get("backend") == backend
-            and (shape is None or shape in r.get("shape", ""))
+            and (
+                shape is None or any(x in r.get("shape", "") for x in (shape if isinstance(shape, tuple) else (shape,)))
+            )
         ]
         ok = [r for r in mine if not r.get("error")]
         if ok:
             base = {
-                (r["shape"], r["mode"]): r["ms"]
+                (r["op"], r["shape"], r["mode"]): r["ms"]
                 for r in rows
-                if r.get("kind") == "kernel" and r.get("op") == op and r.get("backend") == "torch" and r.get("ms")
+                if r.get("kind") == "kernel" and r.get("backend") == "torch" and r.get("ms")
             }
             parts = []
             for r in ok[:4]:
-                ref = base.get((r["shape"], r["mode"]))
-                parts.append(_fmt_row(r) + (f", {ref / r['ms']:.2f}x torch" if ref else ""))
+                ref = base.get((r["op"], r["shape"], r["mode"]))
+                what = "" if op else f"{r['op']} "
+                parts.append(what + _fmt_row(r) + (f", {ref / r['ms']:.2f}x torch" if ref else ""))
             more = f" (+{len(ok) - 4} rows)" if len(ok) > 4 else ""
             bad = f"; {len(mine) - len(ok)} failed" if len(mine) > len(ok) else ""
             return "measured", "; ".join(parts) + more + bad
@@ -350,7 +353,7 @@ GOALS = [
     ("kernel rope_qk", _kernel_goal("rope_qk")),
     ("kernel cross_entropy fwd+bwd", _kernel_goal("cross_entropy")),
     ("kernel linear_cross_entropy fwd+bwd", _kernel_goal("linear_cross_entropy")),
-    ("kernel attention (presets)", _kernel_goal("attention", shape="B")),
+    ("kernel attention (presets)", _kernel_goal("attention", shape=("tinystories", "gpt2-small"))),
     ("kernel attention long T4096 (TFLOP/s)", _kernel_goal("attention", shape="long")),
     ("kernel attention 16k", _kernel_goal("attention", shape="16k")),
     ("kernel attention bwd, deterministic=False", _kernel_goal("attention", backend="ours-nondet")),
@@ -360,11 +363,11 @@ GOALS = [
     ("GPU correctness tests", _tests),
     ("training run tinystories torch", _training("torch")),
     ("training run tinystories triton", _training("triton")),
-    ("kernels vs torch.compile", _kernel_goal("rms_norm", section="compiled", backend="compile")),
+    ("kernels vs torch.compile (all ops)", _kernel_goal(None, section="compiled", backend="compile")),
     ("e2e tinystories triton +compile", _e2e_goal("tinystories", "triton+compile", "compiled")),
     ("e2e tinystories torch +compile", _e2e_goal("tinystories", "torch+compile", "compiled")),
     ("e2e tinystories triton CUDA graphs", _e2e_goal("tinystories", "triton+compile:reduce-overhead", "compiled")),
     ("e2e gpt2-small triton eager", _e2e_goal("gpt2-small", "triton", "compiled")),
     ("largest batch tinystories", _largest_batch),
-    ("kernels at gpt2-xl shapes", _kernel_goal("rms_norm", section="compiled", shape="gpt2-xl")),
+    ("kernels at gpt2-xl shapes (all ops)", _kernel_goal(None, section="compiled", shape="gpt2-xl")),
 ]

@@ -91,6 +91,10 @@ def test_a_hung_section_costs_only_its_share_and_later_ones_run(tmp_path):
         yield Step("fails", [[sys.executable, "-c", "raise SystemExit(3)"]])
         yield Step("after the failure", [_sleeper("still runs", 0)])
 
+    def own_limit(check):
+        yield Step("warm-up", [_sleeper("warming", 600)], max_s=1.0)
+        yield Step("measure", [_sleeper("measured after the warm-up's own limit", 0)])
+
     def broken(check):
         raise RuntimeError("bookkeeping bug")
         yield
@@ -100,6 +104,7 @@ def test_a_hung_section_costs_only_its_share_and_later_ones_run(tmp_path):
         Section("a", "hangs", 1, hang),
         Section("b", "fails", 1, fails),
         Section("c", "broken", 1, broken),
+        Section("e", "a step with its own limit", 1, own_limit),
         Section("d", "fine", 1, lambda c: iter([Step("ok", [_sleeper("done", 0)])])),
     ]
     t0 = time.monotonic()
@@ -108,9 +113,10 @@ def test_a_hung_section_costs_only_its_share_and_later_ones_run(tmp_path):
     assert time.monotonic() - t0 <= 20 + 3
     status = {s["section"]: s["status"] for s in summary["timeline"]}
     assert status["a"].startswith("cut off") and status["b"].startswith("'fails' failed")
-    assert status["c"].startswith("failed: RuntimeError") and status["d"] == "ok"
+    assert status["c"].startswith("failed: RuntimeError") and status["d"] == "ok" and status["e"] == "ok"
     log = (tmp_path / "out" / "logs.txt").read_text()
     assert "before the hang" in log and "still runs" in log and "done" in log
+    assert "'warm-up' stopped at its own limit" in log and "measured after the warm-up's own limit" in log
 
 
 def test_finish_leaves_at_most_the_file_limit_and_no_tmp(tmp_path, monkeypatch):
@@ -279,3 +285,28 @@ def test_gpu_sections_steps_are_valid_commands(tmp_path, monkeypatch):
     assert budget < step.max_s  # stops itself (final eval, samples) before it would be killed
     _, _, run, _ = resolve(argv[3:])
     assert run.time_budget == budget and run.kernels == "torch"
+
+
+def test_goal_lines_say_measured_failed_or_not_reached():
+    from bench.gpu_check_sections import _kernel_goal
+
+    ran = Section("kernels", "k", 1, None, status="ok", started_s=1.0)
+    cut = Section("kernels", "k", 1, None, status="cut off at its limit during 'kernels'", started_s=1.0)
+    cuda = {"device": {"has_cuda": True}}
+    row = dict(kind="kernel", op="rms_norm", shape="tinystories 16384x512", mode="fwd")
+    rows = [
+        {**row, "backend": "torch", "ms": 0.04, "gb_s": 800.0},
+        {**row, "backend": "ours", "ms": 0.01, "gb_s": 3200.0, "pct_of_peak": 80.0},
+        {**row, "op": "swiglu", "backend": "ours", "error": "out of memory"},
+    ]
+    status, text = _kernel_goal("rms_norm")(rows, {"kernels": ran}, cuda)
+    assert status == "measured" and "3200 GB/s (80% of measured)" in text and "4.00x torch" in text
+    assert _kernel_goal("swiglu")(rows, {"kernels": ran}, cuda) == (
+        "failed",
+        "tinystories 16384x512 fwd: out of memory",
+    )
+    status, text = _kernel_goal("rope_qk")(rows, {"kernels": cut}, cuda)
+    assert status == "not reached" and "cut off" in text
+    assert _kernel_goal("rope_qk")(rows, {}, cuda)[0] == "not reached"
+    # the section ended well yet wrote no row for the goal: a failure, not silence
+    assert _kernel_goal("rope_qk")(rows, {"kernels": ran}, cuda)[0] == "failed"
