@@ -153,6 +153,9 @@ def _err(line: str) -> bool:
     return line.startswith(("ERROR", "E ", "Traceback", "INTERNALERROR")) or "rror:" in line
 
 
+TRAIN_FIELDS = ("step", "train_loss", "val_loss", "tokens_per_s", "mfu")
+
+
 # -- 5. training runs ---------------------------------------------------------------------------
 def training_steps(check):
     data = Path(os.environ.get("GPU_DATA", ROOT / ".gpu_data"))
@@ -181,8 +184,9 @@ def training_steps(check):
                     if line.strip():
                         rec = json.loads(line)
                         out.write(json.dumps({"run": f"ts-{k}", **rec}) + "\n")
-                        if "val_loss" in rec or "loss" in rec:
-                            check.facts.setdefault("training_runs", {})[k] = rec
+                        # the latest of each (losses, speed) over the run's records
+                        last = check.facts.setdefault("training_runs", {}).setdefault(k, {})
+                        last.update({f: rec[f] for f in TRAIN_FIELDS if rec.get(f) is not None})
 
 
 # -- 6. compiled and CUDA-graph variants, larger shapes ------------------------------------------
@@ -334,7 +338,7 @@ def _training(kernels):
             return "not reached", facts["training"]
         last = facts.get("training_runs", {}).get(kernels)
         if last:
-            keys = [k for k in ("step", "loss", "val_loss", "tokens_per_s") if k in last]
+            keys = [k for k in TRAIN_FIELDS if k in last]
             return "measured", ", ".join(
                 f"{k} {last[k]:.4g}" if isinstance(last[k], float) else f"{k} {last[k]}" for k in keys
             )

@@ -285,6 +285,17 @@ def test_gpu_sections_steps_are_valid_commands(tmp_path, monkeypatch):
     assert budget < step.max_s  # stops itself (final eval, samples) before it would be killed
     _, _, run, _ = resolve(argv[3:])
     assert run.time_budget == budget and run.kernels == "torch"
+    # The run's metrics come back tagged with its name, and its goal line reads them.
+    run_dir = check.work / "runs" / "ts-torch"
+    run_dir.mkdir(parents=True)
+    records = [{"step": 25, "train_loss": 6.5, "tokens_per_s": 1.5e6}, {"step": 50, "train_loss": 5.0, "val_loss": 5.2}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    triton = next(runs).argvs[0]
+    assert triton[triton.index("--kernels") + 1] == "triton"
+    tagged = [json.loads(x) for x in (check.out / "train_metrics.jsonl").read_text().splitlines()]
+    assert tagged == [{"run": "ts-torch", **r} for r in records]
+    status, text = sections._training("torch")([], {}, check.facts)
+    assert status == "measured" and text == "step 50, train_loss 5, val_loss 5.2, tokens_per_s 1.5e+06"
 
 
 def test_goal_lines_say_measured_failed_or_not_reached():
