@@ -19,7 +19,10 @@ BENCH_FLAGS = ["-q", "-s", "-p", "no:cacheprovider", "--continue-on-collection-e
 # Each test times itself with CUDA events (bench.timing); pytest-benchmark's own rounds are skipped.
 BENCH_FLAGS += ["--benchmark-disable"]
 PYTEST = [PY, "-m", "pytest"]
-_NOISE = re.compile(r"^(-{10,}|Name |Legend|  Outliers|  OPS|=+ warnings summary|\s*$|.*Warning: )")
+_NOISE = re.compile(
+    r"^(-{10,}|Name |Legend|  Outliers|  OPS|=+ warnings summary|\s*$|.*Warning: |\s+warnings\.warn\(|-- Docs: "
+    r"|.*: \d+ warnings?$)"
+)
 
 
 def _show(line: str) -> bool:
