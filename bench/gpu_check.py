@@ -53,6 +53,7 @@ class Step:
     show: Callable[[str], bool] | None = None  # which lines go to logs.txt (all go to the full log)
     max_s: float | None = None  # a tighter limit than the section's
     optional: bool = False  # a failure is logged but leaves the section's status alone
+    ok_codes: tuple[int, ...] = (0,)  # exit codes that mean success (train: 3 is "time budget reached")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class StepResult:
     lines: list[str]
     logs: list[Path]
     own_limit: bool = False  # the step's own max_s, not the section's limit, was what it ran under
+    ok_codes: tuple[int, ...] = (0,)
 
     @property
     def timed_out(self) -> bool:
@@ -69,7 +71,7 @@ class StepResult:
 
     @property
     def ok(self) -> bool:
-        return all(rc == 0 for rc in self.rcs)
+        return all(rc in self.ok_codes for rc in self.rcs)
 
 
 @dataclass
@@ -196,7 +198,7 @@ class Check:
             self._live.discard(p)
         for th in threads:
             th.join(timeout=3)
-        return StepResult(rcs, time.monotonic() - t, lines, logs, own_limit)
+        return StepResult(rcs, time.monotonic() - t, lines, logs, own_limit, step.ok_codes)
 
     def _pump(self, proc, fh, show, lines) -> None:
         for raw in proc.stdout:

@@ -180,7 +180,8 @@ def training_steps(check):
         argv += ["--eval-interval", "100", "--eval-batches", "5", "--out-dir", str(check.work / "runs")]
         argv += ["--run-name", f"ts-{k}", "--resume", "never", "--quiet", "--sample-tokens", "48", "--num-samples", "1"]
         argv += ["--time-budget", f"{max(5.0, limit - 15):.0f}"]
-        yield Step(f"train {k}", [argv], max_s=limit)
+        # Exit 3 is the trainer's "time budget reached" (checkpoint, eval and samples written).
+        yield Step(f"train {k}", [argv], max_s=limit, ok_codes=(0, 3))
         metrics = check.work / "runs" / f"ts-{k}" / "metrics.jsonl"
         if metrics.exists():
             with open(check.out / "train_metrics.jsonl", "a") as out:
