@@ -1,23 +1,40 @@
 """End-to-end training-step benchmarks: tokens/s, MFU, peak memory and where the step's time goes.
 
-MFU convention (see ``model.flops``): model FLOPs (6N-style matmul count plus dense attention, no
-recompute) per token x tokens/s, over the device's dense bf16 peak, from the datasheet table and
-from a bf16 matmul measured on the spot.
+MFU convention (see ``model.flops``): model FLOPs (matmuls, attention dense even when causal,
+training = 3x forward, no recompute) per token x tokens/s, over the dense peak of the dtype the step
+computes in (bf16 under autocast on a GPU, fp32 on the CPU), from the datasheet table
+(``DevicePeak.tflops(dtype)``) and, for bf16 steps, from a bf16 matmul measured on the spot.
+Per-component TFLOP/s divide hardware FLOPs (what the backend executes: causal skipping and
+recompute counted) by the profiled time of that component, and are labelled so.
+
+A step breakdown's parts sum to its total, the wall time of the profiled steps: named components,
+``unclassified`` (kernels, or on the CPU aten ops, whose names match no component) and
+``unattributed`` (step time in no kernel: host work and launch gaps on a GPU, Python and dispatch
+outside aten ops on the CPU).
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 
 import torch
 
 from bench.timing import peak_memory_bytes, time_ms
 from model import TransformerLM
-from model.flops import forward_flops_breakdown, training_flops_per_token, training_memory
+from model.flops import (
+    HARDWARE_FLOPS,
+    MODEL_FLOPS,
+    training_flops_per_token,
+    training_hardware_flops_breakdown,
+    training_memory,
+)
 from train.config import compile_model, preset
+from train.devices import DevicePeak
 from train.optimizer import AdamW, clip_and_step
 
-COMPONENTS = ("matmul", "attention", "norm", "rope", "swiglu", "loss", "optimizer", "other")
+NAMED = ("matmul", "attention", "norm", "rope", "swiglu", "loss", "optimizer")
+COMPONENTS = (*NAMED, "unclassified", "unattributed")
 
 _PATTERNS = [
     ("attention", ("_attn_", "flash", "fmha", "softmax", "sdpa")),
@@ -44,7 +61,7 @@ def classify_kernel(name: str) -> str:
     for comp, keys in _PATTERNS:
         if any(k in low for k in keys):
             return comp
-    return "other"
+    return "unclassified"
 
 
 def _compile_mode(compile: bool | str) -> str | None:
@@ -80,16 +97,21 @@ def make_step(
 
 
 def profile_breakdown(step, device: torch.device, steps: int = 3) -> dict[str, float]:
-    """Device milliseconds per step by component, from the profiler's kernel names."""
+    """Milliseconds per step by component (``COMPONENTS``), from the profiler's kernel names (aten
+    ops' self time on the CPU); they sum to the profiled steps' wall time (profiler overhead
+    included), what no kernel accounts for being ``unattributed``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda *_: None
     with profile(activities=activities) as prof:
+        sync(device)
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     out = dict.fromkeys(COMPONENTS, 0.0)
     for evt in prof.key_averages():
         if device.type == "cuda":
@@ -103,7 +125,48 @@ def profile_breakdown(step, device: torch.device, steps: int = 3) -> dict[str, f
             if not evt.key.startswith("aten::") and "fastlm" not in evt.key:
                 continue
         out[classify_kernel(evt.key)] += us / 1e3 / steps
+    out["unattributed"] = wall_ms - sum(out.values())
     return out
+
+
+def step_figures(
+    cfg, batch_size: int, kernels: str, dtype: str, ms: float, peak: DevicePeak | None, measured_peak_flops=None
+) -> dict:
+    """Throughput figures of a training step of ``ms`` milliseconds: tokens/s, model TFLOP/s and
+    hardware TFLOP/s (``model.flops``), MFU (model FLOPs) over the table's peak for ``dtype``, and
+    for bf16 steps over the measured bf16 matmul peak too."""
+    b, t = batch_size, cfg.context_length
+    tok_s = b * t / (ms * 1e-3)
+    model = tok_s * training_flops_per_token(cfg)
+    hardware = sum(training_hardware_flops_breakdown(cfg, t, b, kernels.split("+")[0]).values()) / (ms * 1e-3)
+    peak_tflops = peak.tflops(dtype) if peak else None
+    return {
+        "batch_size": b,
+        "context_length": t,
+        "ms": ms,
+        "tokens_per_s": tok_s,
+        "model_tflops": model / 1e12,
+        "hardware_tflops": hardware / 1e12,
+        "flops_conventions": {"model": MODEL_FLOPS, "hardware": HARDWARE_FLOPS},
+        "mfu": model / (peak_tflops * 1e12) if peak_tflops else None,
+        "mfu_peak": f"{peak.name} dense {dtype} {peak_tflops} TFLOP/s (table)" if peak_tflops else None,
+        "mfu_measured_peak": model / measured_peak_flops if measured_peak_flops and dtype == "bf16" else None,
+    }
+
+
+def hardware_tflops_by_component(cfg, batch_size: int, kernels: str, comp_ms: dict[str, float]) -> dict:
+    """Hardware TFLOP/s of the matmul and attention components from their profiled milliseconds.
+    On the torch backend attention's batched matmuls run as cuBLAS/aten matmuls: they are in the
+    matmul component's time and FLOPs, and attention's own figure is None."""
+    backend = kernels.split("+")[0]
+    hw = training_hardware_flops_breakdown(cfg, cfg.context_length, batch_size, backend)
+    matmul = hw["attn_proj"] + hw["ffn"] + hw["lm_head"] + (hw["attn_matmul"] if backend == "torch" else 0.0)
+    attention = hw["attn_matmul"] if backend == "triton" else None
+
+    def rate(flops, ms):
+        return flops / (ms * 1e-3) / 1e12 if flops and ms else None
+
+    return {"matmul": rate(matmul, comp_ms.get("matmul")), "attention": rate(attention, comp_ms.get("attention"))}
 
 
 def run_step_benchmark(
@@ -112,7 +175,7 @@ def run_step_benchmark(
     device: torch.device,
     compile: bool | str = False,
     batch_size: int | None = None,
-    peak_flops: float | None = None,
+    peak: DevicePeak | None = None,
     measured_peak_flops: float | None = None,
     breakdown: bool = True,
     warmup: int = 25,
@@ -130,48 +193,28 @@ def run_step_benchmark(
         step, cfg, b = make_step(preset_name, kernels, device, batch_size, compile)
         step()  # compile / autotune outside the timing
         ms = time_ms(step, device, warmup, rep)
-        tokens = b * cfg.context_length
-        tok_s = tokens / (ms * 1e-3)
-        fpt = training_flops_per_token(cfg)
-        est = training_memory(
-            cfg,
-            b,
-            cfg.context_length,
-            act_bytes=2 if device.type == "cuda" else 4,
-            fused_loss=kernels == "triton",
-            flash_attention=kernels == "triton",
-        )
+        row.update(step_figures(cfg, b, kernels, row["dtype"], ms, peak, measured_peak_flops))
+        est = training_memory(cfg, b, cfg.context_length, kernels=kernels, dtype=row["dtype"], device_type=device.type)
         row.update(
-            batch_size=b,
-            context_length=cfg.context_length,
-            ms=ms,
-            tokens_per_s=tok_s,
-            model_tflops=tok_s * fpt / 1e12,
-            mfu=tok_s * fpt / peak_flops if peak_flops else None,
-            mfu_measured_peak=tok_s * fpt / measured_peak_flops if measured_peak_flops else None,
             peak_mem_gb=(peak_memory_bytes(step, device) or 0) / 2**30 if device.type == "cuda" else None,
-            est_peak_mem_gb=est.total / 2**30,
+            est_mem_gb=est.total / 2**30,
+            est_mem_convention="fp32 params, grads, AdamW m and v + activations saved for the backward; no transients",
         )
         if row["peak_mem_gb"]:
-            row["mem_estimate_ratio"] = row["est_peak_mem_gb"] / row["peak_mem_gb"]
+            row["mem_estimate_ratio"] = row["est_mem_gb"] / row["peak_mem_gb"]
         if breakdown:
             comp = profile_breakdown(step, device)
             row["breakdown_ms"] = comp
-            # Kernel time over step time: well below 100% means the GPU waits for the host (launch
-            # overhead: the case for CUDA graphs), not for its own work.
+            row["breakdown_total_ms"] = sum(comp.values())  # the profiled step (profiler overhead included)
+            # Kernel time over the (unprofiled) step time: well below 100% means the GPU waits for
+            # the host (launch overhead: the case for CUDA graphs), not for its own work.
             if device.type == "cuda":
-                row["device_busy_pct"] = 100 * sum(comp.values()) / ms
+                row["device_busy_pct"] = 100 * (sum(comp.values()) - comp["unattributed"]) / ms
             if kernels == "triton" and device.type == "cuda":
                 from kernels.attention import autotuned_configs
 
                 row["attention_autotuned"] = autotuned_configs(cfg.d_model // cfg.num_heads)
-            fl = forward_flops_breakdown(cfg, cfg.context_length, b)
-            matmul_flops = 3 * (fl["attn_proj"] + fl["ffn"] + fl["lm_head"])
-            attn_flops = 3.5 * fl["attn_matmul"] * 0.5  # executed work: causal half, bwd 2.5x
-            row["breakdown_tflops"] = {
-                "matmul": matmul_flops / (comp["matmul"] * 1e-3) / 1e12 if comp["matmul"] else None,
-                "attention": attn_flops / (comp["attention"] * 1e-3) / 1e12 if comp["attention"] else None,
-            }
+            row["breakdown_hardware_tflops"] = hardware_tflops_by_component(cfg, b, kernels, comp)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
         torch.cuda.empty_cache()
