@@ -2,7 +2,8 @@
 
 ``pytest bench --benchmark-only`` runs what the machine can: on a CPU the tokenizer and CPU model
 benchmarks (GPU-only ones are skipped with the reason), on a GPU all of them. Rows go to
-``bench/results/`` (or ``$BENCH_RESULTS_DIR``) with the device, versions and commit.
+``bench/results/local/`` (ignored by git; ``--bench-record`` or BENCH_RECORD=1: ``bench/results/``,
+or ``$BENCH_RESULTS_DIR``) with the device, versions and commit.
 """
 
 import json
@@ -23,6 +24,11 @@ def pytest_configure(config):
 
 def pytest_addoption(parser):
     parser.addoption("--bench-quick", action="store_true", help="fewer shapes and repeats (for CI smoke runs)")
+    parser.addoption(
+        "--bench-record",
+        action="store_true",
+        help="write results to bench/results/ (committed), not bench/results/local/",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,10 +84,10 @@ def peaks(device):
 
 
 @pytest.fixture(scope="session")
-def results(device, peaks):
+def results(request, device, peaks):
     from bench.results import ResultsWriter
 
-    writer = ResultsWriter(device)
+    writer = ResultsWriter(device, record=request.config.getoption("--bench-record"))
     if not peaks.get("from_file") and (peaks["table"] is not None or peaks["copy_gbs"] is not None):
         table = peaks["table"]
         writer.add(

@@ -1,5 +1,6 @@
 """``python -m bench.report [RESULTS ...] --out DIR``: one Markdown report with PNG plots from
-benchmark results files (default: every file under bench/results/).
+benchmark results files (default: every file under bench/results/, recorded, and bench/results/local/,
+local runs). Every row names its results file.
 
 Sections: provenance, device peaks (table and measured), kernels (% of peak per backend), end to end
 (tokens/s, MFU, peak memory, step-time breakdown), tokenizer ratios, training runs given with
@@ -14,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench.results import RESULTS_DIR, load_results
+from bench.results import LOCAL_RESULTS_DIR, RESULTS_DIR, load_results
 
 
 def _fmt(v, nd=2):
@@ -73,13 +74,13 @@ def plot_e2e(rows, out: Path) -> Path | None:
     labels = [f"{r['preset']}\n{r['backend']}" for r in rows]
     axes[0].bar(labels, [r["tokens_per_s"] for r in rows])
     axes[0].set_ylabel("tokens/s")
-    comps = list(rows[0].get("breakdown_ms", {}).keys())
+    comps = list(dict.fromkeys(c for r in rows for c in r.get("breakdown_ms") or {}))
     bottom = [0.0] * len(rows)
     for c in comps:
         vals = [r.get("breakdown_ms", {}).get(c, 0.0) for r in rows]
         axes[1].bar(labels, vals, bottom=bottom, label=c)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    axes[1].set_ylabel("device ms per step")
+    axes[1].set_ylabel("ms per profiled step (parts sum to it)")
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7)
@@ -123,6 +124,97 @@ def plot_flops(out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# Older results files' keys for the same figures (their per-component TFLOP/s were hardware FLOPs).
+_LEGACY = {"breakdown_hardware_tflops": "breakdown_tflops", "est_mem_gb": "est_peak_mem_gb"}
+BREAKDOWN_ORDER = ("matmul", "attention", "norm", "rope", "swiglu", "loss", "optimizer", "unclassified", "other")
+
+
+def _get(r: dict, key: str):
+    return r.get(key) if r.get(key) is not None else r.get(_LEGACY.get(key, ""))
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%" if v else "-"
+
+
+def e2e_section(e2e: list[dict]) -> list[str]:
+    """Markdown lines for the end-to-end rows: throughput with each figure's convention, and the
+    step breakdown whose parts sum to its total (what no kernel accounts for named ``unattributed``)."""
+    lines = [
+        "",
+        "## End to end (one training step: forward, backward, optimizer)",
+        "",
+        "| preset | backend | dtype | batch | ms/step | tokens/s | model TFLOP/s | MFU (table peak) "
+        "| MFU (measured bf16 peak) | peak GB | estimated GB | matmul hw TFLOP/s | attention hw TFLOP/s "
+        "| GPU busy | note | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in e2e:
+        bt = _get(r, "breakdown_hardware_tflops") or {}
+        busy = _fmt(r.get("device_busy_pct"), 0) + "%" if r.get("device_busy_pct") else "-"
+        lines.append(
+            _row(
+                r["preset"],
+                r["backend"],
+                r.get("dtype", "-"),
+                r.get("batch_size", "-"),
+                _fmt(r.get("ms")),
+                _fmt(r.get("tokens_per_s"), 0),
+                _fmt(r.get("model_tflops"), 3),
+                _pct(r.get("mfu")),
+                _pct(r.get("mfu_measured_peak")),
+                _fmt(r.get("peak_mem_gb")),
+                _fmt(_get(r, "est_mem_gb")),
+                _fmt(bt.get("matmul"), 1),
+                _fmt(bt.get("attention"), 1),
+                busy,
+                r.get("error", ""),
+                r.get("file", "-"),
+            )
+        )
+    peaks = sorted({r["mfu_peak"] for r in e2e if r.get("mfu_peak")})
+    lines += [
+        "",
+        "Conventions: model TFLOP/s and MFU count model FLOPs (matmuls, attention dense even when causal, "
+        "training = 3x forward, no recompute); MFU divides them by the dense peak of the dtype the step "
+        "computes in (" + ("; ".join(peaks) if peaks else "no table peak for these devices") + "), and the "
+        "measured-peak MFU by a bf16 matmul timed in the same session (bf16 steps only). The per-component "
+        '"hw" figures are hardware FLOPs (what the backend executes: triton attention causal half with '
+        "its backward recomputing the scores, torch attention dense, its matmuls counted under matmul) over "
+        "that component's profiled time. Estimated GB: fp32 params, grads and AdamW state plus the "
+        "activations saved for the backward (no transients). GPU busy: kernel time over step time; well under "
+        "100% means the step waits on the host (launch overhead), not on the GPU.",
+    ]
+    comps = [c for c in BREAKDOWN_ORDER if any(c in (r.get("breakdown_ms") or {}) for r in e2e)]
+    if comps:
+        lines += [
+            "",
+            "Step time by component (ms per step, from the profiler: kernels on a GPU, aten ops' self time "
+            "on the CPU). The parts sum to the total, the profiled steps' wall time (profiler overhead "
+            "included, so above ms/step): unclassified = kernels whose names match no component, "
+            "unattributed = time in no kernel (host work, launch gaps). Rows from older files have no total.",
+            "",
+            _row("preset", "backend", *comps, "unattributed", "total", "file"),
+            "|" + "---|" * (len(comps) + 5),
+        ]
+        for r in e2e:
+            b = r.get("breakdown_ms") or {}
+            if not b:
+                continue
+            total = r.get("breakdown_total_ms")
+            lines.append(
+                _row(
+                    r["preset"],
+                    r["backend"],
+                    *(_fmt(b.get(c)) for c in comps),
+                    _fmt(b.get("unattributed")),
+                    _fmt(total),
+                    r.get("file", "-"),
+                )
+            )
+    return lines
 
 
 def training_runs_section(run_dirs: list[str | Path]) -> list[str]:
@@ -194,8 +286,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | 
             "",
             "## Kernels",
             "",
-            "| op | shape | mode | backend | ms | GB/s | TFLOP/s | % of peak | peak MB | vs torch | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| op | shape | mode | backend | ms | GB/s | TFLOP/s | % of peak | peak MB | vs torch | note | file |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         base = {(r["op"], r["shape"], r["mode"], r["device"]): r.get("ms") for r in kern if r["backend"] == "torch"}
         for r in kern:
@@ -215,65 +307,20 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | 
                     _fmt(r.get("peak_mem_mb"), 0),
                     f"{_fmt(speedup)}x",
                     note,
+                    r.get("file", "-"),
                 )
             )
         if plot_kernels(kern, out_dir / "kernels.png"):
             lines += ["", "![kernels](kernels.png)"]
     e2e = [r for r in rows if r.get("kind") == "e2e"]
     if e2e:
-        lines += [
-            "",
-            "## End to end (one training step: forward, backward, optimizer)",
-            "",
-            "| preset | backend | batch | ms/step | tokens/s | MFU (table) | MFU (measured peak) | peak GB "
-            "| estimated GB | matmul TFLOP/s | attention TFLOP/s | GPU busy | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in e2e:
-            bt = r.get("breakdown_tflops") or {}
-            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-            mfu2 = f"{100 * r['mfu_measured_peak']:.1f}%" if r.get("mfu_measured_peak") else "-"
-            busy = _fmt(r.get("device_busy_pct"), 0) + "%" if r.get("device_busy_pct") else "-"
-            lines.append(
-                _row(
-                    r["preset"],
-                    r["backend"],
-                    r.get("batch_size", "-"),
-                    _fmt(r.get("ms")),
-                    _fmt(r.get("tokens_per_s"), 0),
-                    mfu,
-                    mfu2,
-                    _fmt(r.get("peak_mem_gb")),
-                    _fmt(r.get("est_peak_mem_gb")),
-                    _fmt(bt.get("matmul"), 1),
-                    _fmt(bt.get("attention"), 1),
-                    busy,
-                    r.get("error", ""),
-                )
-            )
-        lines += [
-            "",
-            "GPU busy: kernel time over step time; well under 100% means the step waits on the host "
-            "(launch overhead), not on the GPU.",
-        ]
-        comps = sorted({c for r in e2e for c in (r.get("breakdown_ms") or {})})
-        if comps:
-            lines += [
-                "",
-                "Step time by component (device ms per step, from the profiler):",
-                "",
-                "| preset | backend | " + " | ".join(comps) + " |",
-                "|---|---|" + "---|" * len(comps),
-            ]
-            for r in e2e:
-                b = r.get("breakdown_ms") or {}
-                lines.append(f"| {r['preset']} | {r['backend']} | " + " | ".join(_fmt(b.get(c)) for c in comps) + " |")
+        lines += e2e_section(e2e)
         if plot_e2e(e2e, out_dir / "e2e.png"):
             lines += ["", "![end to end](e2e.png)"]
     lb = [r for r in rows if r.get("kind") == "largest_batch"]
     if lb:
-        lines += ["", "## Largest batch that fits", "", "| preset | backend | batch |", "|---|---|---|"]
-        lines += [f"| {r['preset']} | {r['backend']} | {r['batch_size']} |" for r in lb]
+        lines += ["", "## Largest batch that fits", "", "| preset | backend | batch | file |", "|---|---|---|---|"]
+        lines += [_row(r["preset"], r["backend"], r["batch_size"], r.get("file", "-")) for r in lb]
     tok = [r for r in rows if r.get("kind", "").startswith("tokenizer")]
     if tok:
         lines += ["", "## Tokenizer", ""]
@@ -283,6 +330,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | 
                 + ", ".join(
                     f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("file", "meta") and not isinstance(v, dict)
                 )
+                + f" (file {r.get('file', '-')})"
             )
     if runs:
         lines += training_runs_section(runs)
@@ -305,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         help="training run directories (python -m train) to summarise and compare, first one the baseline",
     )
     args = p.parse_args(argv)
-    paths = args.results or [RESULTS_DIR]
+    paths = args.results or [d for d in (RESULTS_DIR, LOCAL_RESULTS_DIR) if d.exists()] or [RESULTS_DIR]
     if not any(Path(x).exists() for x in paths):
         print(
             f"error: no results found at {', '.join(map(str, paths))}; run: pytest bench --benchmark-only",

@@ -1,7 +1,10 @@
 """Benchmark results with provenance: every row carries device, versions, commit and date.
 
-Rows are collected during a session and written as one JSON file under ``bench/results/`` (or
-``$BENCH_RESULTS_DIR``): ``{"meta": {...}, "rows": [...]}``. ``python -m bench.report`` reads them.
+Rows are collected during a session and written as one JSON file, ``{"meta": {...}, "rows": [...]}``:
+under ``bench/results/local/`` (ignored by git) by default, under ``bench/results/`` (the recorded
+results, committed) when asked to record (``pytest bench --benchmark-only --bench-record`` or
+``BENCH_RECORD=1``), or under ``$BENCH_RESULTS_DIR`` when set. ``python -m bench.report`` reads
+them and names each row's file.
 """
 
 from __future__ import annotations
@@ -16,13 +19,33 @@ import torch
 from train.provenance import provenance
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LOCAL_RESULTS_DIR = RESULTS_DIR / "local"
+_ROOT = RESULTS_DIR.parent.parent
+
+
+def default_results_dir(record: bool | None = None) -> Path:
+    """Where a session writes: $BENCH_RESULTS_DIR, else bench/results/ when recording (``record``
+    or BENCH_RECORD=1), else bench/results/local/, which git ignores."""
+    if os.environ.get("BENCH_RESULTS_DIR"):
+        return Path(os.environ["BENCH_RESULTS_DIR"])
+    if record or os.environ.get("BENCH_RECORD") == "1":
+        return RESULTS_DIR
+    return LOCAL_RESULTS_DIR
+
+
+def results_file_name(path: Path) -> str:
+    """A results file as the report names it: relative to the repository when inside it."""
+    try:
+        return path.resolve().relative_to(_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 class ResultsWriter:
-    def __init__(self, device: torch.device | str, out_dir: str | Path | None = None):
+    def __init__(self, device: torch.device | str, out_dir: str | Path | None = None, record: bool | None = None):
         self.meta = provenance(device)
         self.rows: list[dict] = []
-        self.out_dir = Path(out_dir or os.environ.get("BENCH_RESULTS_DIR") or RESULTS_DIR)
+        self.out_dir = Path(out_dir) if out_dir else default_results_dir(record)
         if os.environ.get("BENCH_RESULTS_APPEND") == "1":
             self._continue_latest()
 
@@ -71,5 +94,5 @@ def load_results(paths: list[str | Path]) -> list[dict]:
     for f in files:
         data = json.loads(f.read_text())
         for r in data.get("rows", []):
-            rows.append({**data.get("meta", {}), **r, "file": f.name})
+            rows.append({**data.get("meta", {}), **r, "file": results_file_name(f)})
     return rows
