@@ -6,7 +6,9 @@ dx (this chunk's rows) and dweight (accumulated in fp32 across chunks). All of i
 forward, so the backward is a scale by the incoming gradient. Peak extra memory is one chunk of
 logits plus an fp32 dweight, instead of the logits, their gradient and softmax temporaries.
 
-The chunk size adapts to N, V and (on a GPU) free memory; FLOPs are those of the unfused version
+The chunk size is a function of N, V and the element size only, never of free GPU memory, so the
+chunks, and with them the order in which dweight's fp32 sum adds them up, are the same every run
+(bit-identical results). FLOPs are those of the unfused version
 (2NdV forward, 4NdV backward), only moved into the forward.
 """
 
@@ -26,15 +28,13 @@ CHUNK_BYTES = 2**30
 MIN_CHUNK_ROWS = 256  # ... but never so few rows that the matmuls starve
 
 
-def chunk_rows(n: int, v: int, elem_size: int, device: torch.device) -> int:
+def chunk_rows(n: int, v: int, elem_size: int) -> int:
     """Rows per chunk: as many as the budget allows, then evened out over the chunks that takes
     (16384 rows in two chunks run as 2 x 8192, not 13421 + 2963, whose small tail matmuls are
-    slower per FLOP), rounded up to a multiple of 16 rows for the tensor cores."""
-    budget = CHUNK_BYTES
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 8)
-    rows = max(1, min(n, max(MIN_CHUNK_ROWS, budget // max(1, v * elem_size))))
+    slower per FLOP), rounded up to a multiple of 16 rows for the tensor cores. Shapes only: a
+    budget read from free memory would change the chunking, hence dweight's summation order, from
+    one run to the next."""
+    rows = max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(1, v * elem_size))))
     chunks = -(-n // rows)
     even = -(-n // chunks)
     return min(n, -(-even // 16) * 16)
@@ -50,7 +50,7 @@ def linear_ce_fwd(x, weight, targets, ignore_index: int, chunk_size: int):
         raise TypeError(f"x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
     n, _ = x.shape
     v = weight.shape[0]
-    chunk = chunk_size if chunk_size > 0 else chunk_rows(n, v, x.element_size(), x.device)
+    chunk = chunk_size if chunk_size > 0 else chunk_rows(n, v, x.element_size())
     n_valid = _count_valid(targets, ignore_index)
     losses = torch.empty(n, dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x)

@@ -190,13 +190,37 @@ def test_cross_entropy_low_precision_on_gpu(dtype):
 def test_linear_cross_entropy_chunks_are_even(monkeypatch):
     from kernels import linear_cross_entropy as lce
 
-    cpu = torch.device("cpu")
     # GPT-2's head in bf16: 16384 x 50257 logits are 1.65 GB, over the 1 GiB budget: two even chunks.
-    assert lce.chunk_rows(16384, 50257, 2, cpu) == 8192
-    assert lce.chunk_rows(16384, 10000, 2, cpu) == 16384  # TinyStories' 328 MB: one
+    assert lce.chunk_rows(16384, 50257, 2) == 8192
+    assert lce.chunk_rows(16384, 10000, 2) == 16384  # TinyStories' 328 MB: one
     monkeypatch.setattr(lce, "CHUNK_BYTES", 1000 * 4 * 300)  # 300 rows of V = 1000 fp32
-    rows = lce.chunk_rows(1001, 1000, 4, cpu)
+    rows = lce.chunk_rows(1001, 1000, 4)
     assert rows % 16 == 0 and -(-1001 // rows) == 4 and 1001 - 3 * rows > 0.5 * rows
+
+
+def test_linear_cross_entropy_chunking_does_not_read_free_memory(monkeypatch):
+    # dweight sums the chunks' products in fp32 in chunk order: a chunk size taken from free GPU
+    # memory would change that order (and the bits of dweight) between runs. Free memory is made to
+    # look tiny, then huge: the fused head's chunking stays the one its shapes give.
+    from kernels import linear_cross_entropy as lce
+
+    seen = []
+    real = lce.ce_fwd_into
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.shape[0])
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(lce, "ce_fwd_into", spy)
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 64 * 300 * 4)  # 64 rows of V = 300 fp32: MIN_CHUNK_ROWS
+    x, w, t = torch.randn(600, 8, device=DEV), torch.randn(300, 8, device=DEV), targets_for(600, 300)
+    runs = []
+    for free in (1 << 10, 1 << 40):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, free=free: (free, 1 << 40))
+        seen.clear()
+        triton_ops.linear_cross_entropy(x, w, t)
+        runs.append(list(seen))
+    assert runs[0] == runs[1] == [208, 208, 184] and lce.chunk_rows(600, 300, 4) == 208, runs
 
 
 def test_fused_head_pads_logit_rows_to_16_columns(monkeypatch):
