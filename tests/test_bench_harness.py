@@ -124,7 +124,8 @@ def test_report_shows_gpu_busy_and_autotuned_tiles(tmp_path):
         ms=8.0,
         tokens_per_s=2.0e6,
         mfu=0.23,
-        breakdown_ms={"matmul": 4.0, "other": 1.2},
+        breakdown_ms={"matmul": 4.0, "unclassified": 1.2, "unattributed": 2.8},
+        breakdown_total_ms=8.0,
         device_busy_pct=65.0,
     )
     writer.add(kind="e2e", preset="tinystories", backend="torch", batch_size=64, ms=20.0, tokens_per_s=8.0e5)
