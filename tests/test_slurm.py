@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from train.sweep import array_spec, configurations, load_sweep, run_name, train_args
+from train.sweep import (
+    array_spec,
+    configurations,
+    load_sweep,
+    log_axis,
+    plot_swept_settings,
+    run_name,
+    run_summary,
+    swept_series,
+    train_args,
+)
 from train.sweep import main as sweep_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +70,7 @@ def test_sweep_runs_locally_without_slurm_and_summarizes(tmp_path, capsys):
     path = write_sweep(
         tmp_path,
         "loc",
-        {"lr": [3e-3, 1e30]},
+        {"lr": [3e-5, 3e-3, 1e30]},
         12,
         log_interval=4,
         eval_interval=4,
@@ -72,8 +82,18 @@ def test_sweep_runs_locally_without_slurm_and_summarizes(tmp_path, capsys):
     capsys.readouterr()
     assert sweep_main(["summarize", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
-    assert "loc-lr=0.003" in table and "loc-lr=1e+30" in table and "DIVERGED" in table
+    header = table.splitlines()[0].strip("| ").split(" | ")
+    assert header[:2] == ["run", "lr"] and header[-1] == "diverged" and all(header), header  # every column headed
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"loc-lr=3e-05", "loc-lr=0.003", "loc-lr=1e+30"}
+    assert "DIVERGED" in rows["loc-lr=1e+30"] and "DIVERGED" not in rows["loc-lr=0.003"]
     assert (tmp_path / "runs" / "curves.png").exists() and (tmp_path / "runs" / "swept_value.png").exists()
+    # The swept values come from each run's config.json: 3e-05 survives (run names split on '-' lost it).
+    summaries = [run_summary(p) for p in sorted((tmp_path / "runs").iterdir()) if p.is_dir()]
+    series = swept_series(summaries)
+    assert list(series) == ["lr"] and [x for x, _ in series["lr"]][:2] == [3e-5, 3e-3]
+    assert plot_swept_settings(summaries, tmp_path / "p.png") == [("lr", "log")]
+    assert not log_axis("batch_size", [8, 16]) and log_axis("batch_size", [1, 64])
 
 
 # --- a real Slurm cluster ---------------------------------------------------------------------

@@ -10,13 +10,15 @@ from pathlib import Path
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, one per log interval (the one reader of that file)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_runs(run_dirs: list[str], out: str | Path, metric: str = "val_loss") -> Path:
+def plot_runs(run_dirs: list[str], out: str | Path) -> Path:
+    """Train (dotted) and validation (solid) loss of each run against steps and wall clock."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -86,16 +86,35 @@ def array_spec(sweep: dict) -> str:
 # --- summaries ------------------------------------------------------------------------------------
 
 
+# Settings that name or place a run rather than change it: never "swept".
+_NOT_SWEPT = ("run_name", "out_dir", "resume", "data_dir")
+
+
+def run_settings(run: str | Path) -> dict:
+    """A run's settings from its config.json (the preset, then the model and run sections), {}
+    without one."""
+    path = Path(run) / "config.json"
+    if not path.exists():
+        return {}
+    config = json.loads(path.read_text())
+    return {"preset": config.get("preset"), **config.get("model", {}), **config.get("run", {})}
+
+
+def swept_settings(settings: list[dict]) -> list[str]:
+    """The settings whose values differ between runs, in config order."""
+    keys = [k for k in dict.fromkeys(k for s in settings for k in s) if k not in _NOT_SWEPT]
+    return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+
+
 def run_summary(run: str | Path) -> dict:
     """One run directory's final/best validation loss, final train loss, tokens/s and MFU (medians
-    over the log intervals: the first one holds compilation and autotuning), wall time and status;
-    ``diverged`` flags a non-finite loss or a validation loss that climbed well above its best."""
+    over the log intervals: the first one holds compilation and autotuning), wall time, status and
+    settings (from config.json); ``diverged`` flags a non-finite loss or a validation loss that
+    climbed well above its best."""
+    from train.plot import read_metrics
+
     run = Path(run)
-    metrics = (
-        [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        if (run / "metrics.jsonl").exists()
-        else []
-    )
+    metrics = read_metrics(run) if (run / "metrics.jsonl").exists() else []
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
     train = [m["train_loss"] for m in metrics if m.get("train_loss") is not None]
@@ -104,6 +123,7 @@ def run_summary(run: str | Path) -> dict:
     status = summary.get("status", "running?")
     return {
         "run": run.name,
+        "settings": run_settings(run),
         "status": status,
         "steps": summary.get("step", metrics[-1]["step"] if metrics else 0),
         "final_train_loss": train[-1] if train else None,
@@ -111,7 +131,8 @@ def run_summary(run: str | Path) -> dict:
         "best_val_loss": min(vals) if vals else None,
         "tokens_per_s": statistics.median(tps) if tps else None,
         "mfu": statistics.median(mfu) if mfu else None,
-        "wall_time_s": summary.get("wall_time", metrics[-1].get("wall_time") if metrics else None),
+        "wall_time_s": summary.get("wall_time_total", summary.get("wall_time"))
+        or (metrics[-1].get("wall_time") if metrics else None),
         "diverged": status == "diverged"
         or any(not math.isfinite(x) for x in train)
         or (len(vals) > 1 and vals[-1] > 1.5 * min(vals)),
@@ -119,27 +140,41 @@ def run_summary(run: str | Path) -> dict:
     }
 
 
+def _cell(v, nd: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if nd else f"{v:.0f}"
+    return str(v)
+
+
 def runs_table(rows: list[dict]) -> str:
-    """A Markdown table of ``run_summary`` rows, best validation loss first."""
-    lines = [
-        "| run | status | steps | final train | final val | best val | tokens/s | MFU | wall s | |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    f = lambda v, nd=4: "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    """A Markdown table of ``run_summary`` rows, best validation loss first, with a column for each
+    swept setting."""
+    swept = swept_settings([r["settings"] for r in rows])
+    head = ["run", *swept, "status", "steps", "final train", "final val", "best val", "tokens/s", "MFU", "wall s"]
+    head.append("diverged")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0)):
-        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(
-            f"| {r['run']} | {r['status']} | {r['steps']} | {f(r['final_train_loss'])} | {f(r['final_val_loss'])} | "
-            f"{f(r['best_val_loss'])} | {f(r['tokens_per_s'], 0)} | {mfu} | {f(r['wall_time_s'], 1)} | "
-            f"{'DIVERGED' if r['diverged'] else ''} |"
-        )
+        cells = [r["run"], *(_fmt_setting(r["settings"].get(k)) for k in swept), r["status"], str(r["steps"])]
+        cells += [_cell(r[k]) for k in ("final_train_loss", "final_val_loss", "best_val_loss")]
+        cells += [_cell(r["tokens_per_s"], 0), "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"]
+        cells += [_cell(r["wall_time_s"], 1), "DIVERGED" if r["diverged"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _fmt_setting(v) -> str:
+    return "-" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
 def summarize(sweep_dir: str | Path, out: str | Path | None = None) -> tuple[str, list[dict]]:
-    """A Markdown table of each run's final/best validation loss, tokens/s, MFU, wall time and status,
-    diverged runs flagged; writes curves (vs steps and wall clock) and swept value vs loss plots."""
+    """A Markdown table of each run's swept settings, final/best validation loss, tokens/s, MFU, wall
+    time and status, diverged runs flagged; writes curves (vs steps and wall clock) and, for each
+    numeric swept setting, best validation loss against it (swept_value.png)."""
     sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"no sweep directory {sweep_dir}")
     runs = sorted(p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").exists() or (p / "summary.json").exists())
     if not runs:
         raise FileNotFoundError(f"no runs (directories with metrics.jsonl) under {sweep_dir}")
@@ -149,43 +184,63 @@ def summarize(sweep_dir: str | Path, out: str | Path | None = None) -> tuple[str
     out.mkdir(parents=True, exist_ok=True)
     from train.plot import plot_runs
 
-    plot_runs([str(sweep_dir / r["run"]) for r in rows], out / "curves.png")
-    _plot_swept_value(rows, out / "swept_value.png")
+    plot_runs(
+        [str(sweep_dir / r["run"]) for r in rows if (sweep_dir / r["run"] / "metrics.jsonl").exists()],
+        out / "curves.png",
+    )
+    plot_swept_settings(rows, out / "swept_value.png")
     (out / "summary.md").write_text(table + "\n")
     return table, rows
 
 
-def _plot_swept_value(rows: list[dict], path: Path) -> None:
-    """Best validation loss against each run's varied value (parsed from the run names)."""
+def swept_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """For each numeric swept setting, (value, best validation loss) of the runs that have one,
+    sorted by value."""
+    series = {}
+    for k in swept_settings([r["settings"] for r in rows]):
+        pts = [
+            (float(r["settings"][k]), r["best_val_loss"])
+            for r in rows
+            if r["best_val_loss"] is not None
+            and isinstance(r["settings"].get(k), (int, float))
+            and not isinstance(r["settings"].get(k), bool)
+        ]
+        if pts:
+            series[k] = sorted(pts)
+    return series
+
+
+def log_axis(name: str, values: list[float]) -> bool:
+    """Learning rates (and weight decays) always, other positive settings spanning 20x or more."""
+    if not values or min(values) <= 0:
+        return False
+    return name.endswith("lr") or name == "weight_decay" or max(values) / min(values) >= 20
+
+
+def plot_swept_settings(rows: list[dict], path: Path) -> list[tuple[str, str]]:
+    """Best validation loss against each numeric swept setting, one panel per setting, the x axis
+    named after it (log scale for learning rates). Returns each panel's (x label, x scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r["best_val_loss"] is None:
-            continue
-        for part in r["run"].split("-")[1:]:
-            if "=" in part:
-                k, v = part.split("=", 1)
-                try:
-                    series.setdefault(k, []).append((float(v), r["best_val_loss"]))
-                except ValueError:
-                    pass
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k, pts in series.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
-        if len(pts) > 1 and min(p[0] for p in pts) > 0 and max(p[0] for p in pts) / min(p[0] for p in pts) > 20:
+    series = swept_series(rows)
+    fig, axes = plt.subplots(1, max(1, len(series)), figsize=(5 * max(1, len(series)), 4), squeeze=False)
+    for ax, (k, pts) in zip(axes[0], series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        if log_axis(k, [p[0] for p in pts]):
             ax.set_xscale("log")
-    ax.set_xlabel("swept value")
-    ax.set_ylabel("best validation loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        ax.set_xlabel(k)
+        ax.set_ylabel("best validation loss")
+        ax.grid(alpha=0.3)
+    if not series:
+        axes[0][0].set_title("no numeric setting varies between the runs")
+    panels = [(ax.get_xlabel(), ax.get_xscale()) for ax in axes[0][: len(series)]]
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return panels
 
 
 def main(argv: list[str] | None = None) -> int:
