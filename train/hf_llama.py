@@ -151,7 +151,31 @@ def model_config_from_llama(config: dict, source: str | os.PathLike = CONFIG) ->
 
 def read_llama_config(directory: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a Llama directory's config.json (what ``--init-from DIR`` trains)."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"model directory not found: {directory}")
     return model_config_from_llama(_read_json(Path(directory) / CONFIG), Path(directory) / CONFIG)
+
+
+# Model settings a run started from a Llama directory may still choose: RoPE has no table, so the
+# weights serve any sequence length.
+FREE_ON_INIT = ("context_length",)
+
+
+def init_model_config(directory: str | os.PathLike, given: dict) -> ModelConfig:
+    """The model of a run started ``--init-from directory``: its config.json's, with ``given``
+    (model settings named on the command line or in a config file) applied where they are free to
+    differ (``FREE_ON_INIT``); any other given setting must equal the directory's."""
+    cfg = read_llama_config(directory).to_dict()
+    for name, value in given.items():
+        if name in FREE_ON_INIT:
+            cfg[name] = value
+        elif cfg[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {value!r} differs from {Path(directory) / CONFIG}'s {cfg[name]!r}: a run started "
+                f"--init-from takes the model from there (only {', '.join(FREE_ON_INIT)} may change)"
+            )
+    return ModelConfig(**cfg)
 
 
 # --- weights ----------------------------------------------------------------------------------
