@@ -44,3 +44,30 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
 
 def pow2_at_least(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def compile_case(
+    module: str,
+    kernel: str,
+    constexprs: dict,
+    pointers: dict,
+    *,
+    warps: int = 4,
+    stages: int = 2,
+    label: str = "",
+    **extra,
+) -> dict:
+    """One configuration for ``python -m kernels.compile_check``, declared beside its kernel:
+    ``pointers`` maps every pointer argument to its element type ("bf16", "fp32", "i64", ...);
+    ``floats`` (in extra) names the fp32 scalars; every other runtime argument is an i32."""
+    return dict(
+        module=module,
+        kernel=kernel,
+        constexprs=constexprs,
+        pointers=pointers,
+        num_warps=warps,
+        num_stages=stages,
+        label=label,
+        dtype=extra.pop("dtype", next(iter(pointers.values()))),
+        **extra,
+    )

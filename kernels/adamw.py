@@ -231,3 +231,37 @@ def adamw_step_(
             BLOCK=BLOCK,
             num_warps=4,
         )
+
+
+def compile_cases() -> list[dict]:
+    """The configurations ``python -m kernels.compile_check`` compiles, with explicit pointer types."""
+    from kernels._utils import compile_case
+
+    size = {"fp32": 4, "bf16": 2}
+    cases = []
+    for p_ty, g_ty in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")):
+        constexprs = {
+            "ALIGN_P": 16 // size[p_ty],
+            "ALIGN_G": 16 // size[g_ty],
+            "ALIGN_M": 4,
+            "ALIGN_V": 4,
+            "HAS_SCALE": True,
+            "BLOCK": BLOCK,
+        }
+        ptrs = {
+            "p_base": p_ty,
+            "g_base": g_ty,
+            "m_base": "fp32",
+            "v_base": "fp32",
+            "work_ptr": "i32",
+            "offset_ptr": "i64",
+            "numel_ptr": "i64",
+            "scale_ptr": "fp32",
+        }
+        floats = {"decay", "alpha", "beta1", "beta2", "eps"}
+        cases.append(
+            compile_case(
+                "adamw", "_adamw_kernel", constexprs, ptrs, label=f"params {p_ty}, grads {g_ty}", floats=floats
+            )
+        )
+    return cases

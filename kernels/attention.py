@@ -537,34 +537,97 @@ def _configs(shapes) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-def _fwd_configs(large_d: bool = False):
-    return _configs(
-        [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
-        if large_d
-        else [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
-    )
+# Forward tiles per architecture family (see _BWD_SHAPES): on Hopper the 128-row tiles at 8 warps
+# that the best Hopper kernels use (128x128 and 128x64 at D = 128, 2-4 stages: 128x128 at 3 stages
+# takes 224 KB of the 227 KB); on sm_120 the tiles that keep within 64 spilled bytes there (4-warp
+# 128x64 spilled 88 B at D = 64).
+_FWD_SHAPES = {
+    ("sm90", True): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("sm90", False): [(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+    ("mma", True): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    ("mma", False): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+}
 
 
-def _bwd_configs(large_d: bool = False, kernel: str = "dkdv"):
+def _fwd_configs(large_d: bool = False, family: str = "sm90"):
+    return _configs(_FWD_SHAPES[(family, large_d)])
+
+
+# Backward tiles per architecture (BLOCK_M, BLOCK_N, warps, stages). Hopper ("sm90"): every config
+# runs warpgroup MMA (wgmma) and every warpgroup owns distinct output rows: 8 warps (two
+# warpgroups) only on a 128-row output tile (dK/dV's BLOCK_N, dQ's BLOCK_M), since 8 warps laid out
+# as [8, 1] on 64 rows had both warpgroups compute the same dP^T (24 wgmma where 16 do the work),
+# and 64x32 tiles at 8 warps fell back to mma.sync; 3 stages where shared memory allows. sm_120
+# and older ("mma"): no wgmma; 4-warp tiles that keep the fp32 accumulators in registers (the
+# 8-warp tiles above spill 2.7-5.3 KB a thread there; 64x64 dK/dV at D = 64 spilled 440 B).
+# `python -m kernels.compile_check` prints the MMA kind, count against the minimum, stages and spills.
+_BWD_SHAPES = {
+    ("sm90", True, "dkdv"): [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
+    ("sm90", True, "dq"): [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+    ("sm90", False, "dkdv"): [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)],
+    ("sm90", False, "dq"): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
+    ("mma", True, "dkdv"): [(32, 64, 4, 2), (32, 64, 4, 3)],
+    ("mma", True, "dq"): [(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3)],
+    ("mma", False, "dkdv"): [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 3)],
+    ("mma", False, "dq"): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+}
+ARCH_FAMILIES = ("sm90", "mma")
+
+
+def arch_family(capability: tuple[int, int]) -> str:
+    """ "sm90" for Hopper (wgmma), "mma" for everything else the kernels run on (sm_80, sm_120)."""
+    return "sm90" if capability[0] == 9 else "mma"
+
+
+def _bwd_configs(large_d: bool = False, kernel: str = "dkdv", family: str = "sm90"):
     # dK/dV holds a key block and loops over query blocks: BLOCK_N the larger side; dQ the reverse.
-    if large_d:
-        shapes = [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
-    elif kernel == "dkdv":
-        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2)]
-    else:
-        shapes = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
+    return _configs(_BWD_SHAPES[(family, large_d, kernel)])
+
+
+def _all_configs(table: dict, *key) -> list:
+    """Every family's configs, deduplicated; the autotuner prunes them to the device's family."""
+    shapes = []
+    for fam in ARCH_FAMILIES:
+        shapes += [s for s in table[(fam, *key)] if s not in shapes]
     return _configs(shapes)
+
+
+def _device_family() -> str:
+    return arch_family(torch.cuda.get_device_capability())
+
+
+def _shape(c) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _prune(table: dict, *key):
+    def prune(configs, named_args, **kwargs):
+        keep = set(table[(_device_family(), *key)])
+        return [c for c in configs if _shape(c) in keep]
+
+    return {"early_config_prune": prune}
 
 
 _KEY = ["T", "D", "BLOCK_D", "CAUSAL", "DOT_PRECISION"]
 # Autotuned launchers by "large head dim" (BLOCK_D >= LARGE_D).
 LARGE_D = 128
-_fwd_tuned = {large: triton.autotune(_fwd_configs(large), key=_KEY)(_attn_fwd_kernel) for large in (False, True)}
+_fwd_tuned = {
+    large: triton.autotune(_all_configs(_FWD_SHAPES, large), key=_KEY, prune_configs_by=_prune(_FWD_SHAPES, large))(
+        _attn_fwd_kernel
+    )
+    for large in (False, True)
+}
 _dkdv_tuned = {
-    large: triton.autotune(_bwd_configs(large, "dkdv"), key=_KEY)(_attn_bwd_dkdv_kernel) for large in (False, True)
+    large: triton.autotune(
+        _all_configs(_BWD_SHAPES, large, "dkdv"), key=_KEY, prune_configs_by=_prune(_BWD_SHAPES, large, "dkdv")
+    )(_attn_bwd_dkdv_kernel)
+    for large in (False, True)
 }
 _dq_tuned = {
-    large: triton.autotune(_bwd_configs(large, "dq"), key=_KEY)(_attn_bwd_dq_kernel) for large in (False, True)
+    large: triton.autotune(
+        _all_configs(_BWD_SHAPES, large, "dq"), key=_KEY, prune_configs_by=_prune(_BWD_SHAPES, large, "dq")
+    )(_attn_bwd_dq_kernel)
+    for large in (False, True)
 }
 
 
@@ -767,3 +830,78 @@ class FlashAttentionFunction(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """Flash attention: q, k, v (B, H, T, D) -> (B, H, T, D), O(T) memory."""
     return FlashAttentionFunction.apply(q, k, v, causal)
+
+
+def compile_cases() -> list[dict]:
+    """The configurations ``python -m kernels.compile_check`` compiles (every config each autotuner
+    tunes over, causal bf16, per head dim), with explicit pointer types."""
+    from kernels._utils import compile_case
+
+    def ptrs(dtype, *names):
+        return {n: ("fp32" if n in ("LSE", "DELTA") else dtype) for n in names}
+
+    floats = {"qk_scale", "sm_scale"}
+    fwd_floats = {"qk_scale"}
+    cases = []
+    for family, archs in (("sm90", (90,)), ("mma", (120,))):
+        for d in (32, 64, 128):
+            for cfg in _fwd_configs(d >= LARGE_D, family):
+                cases.append(
+                    compile_case(
+                        "attention",
+                        "_attn_fwd_kernel",
+                        {"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
+                        ptrs("bf16", "Q", "K", "V", "O", "LSE"),
+                        warps=cfg.num_warps,
+                        stages=cfg.num_stages,
+                        label=f"D={d} {cfg.kwargs}",
+                        floats=fwd_floats,
+                        archs=archs,
+                    )
+                )
+    cases.append(
+        compile_case(
+            "attention",
+            "_attn_fwd_kernel",
+            {"CAUSAL": False, "DOT_PRECISION": "ieee", "D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64},
+            ptrs("fp32", "Q", "K", "V", "O", "LSE"),
+            stages=3,
+            label="fp32 ieee D=64",
+            floats=fwd_floats,
+        )
+    )
+    for d in (32, 64, 128):
+        cases.append(
+            compile_case(
+                "attention",
+                "_attn_bwd_preprocess_kernel",
+                {"BLOCK_M": 64, "D": d, "BLOCK_D": d},
+                ptrs("bf16", "O", "DO", "DELTA"),
+                label=f"D={d}",
+                dtype="bf16",
+            )
+        )
+    bwd = {
+        "_attn_bwd_dkdv_kernel": ("dkdv", ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV")),
+        "_attn_bwd_dq_kernel": ("dq", ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ")),
+    }
+    # Backward configs are per architecture family: Hopper's compiled for sm_90 only, the others'
+    # for sm_120 only (``archs``), as the autotuners prune them on a device.
+    for family, archs in (("sm90", (90,)), ("mma", (120,))):
+        for d in (32, 64, 128):
+            for kernel, (which, names) in bwd.items():
+                for cfg in _bwd_configs(d >= LARGE_D, which, family):
+                    cases.append(
+                        compile_case(
+                            "attention",
+                            kernel,
+                            {"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
+                            ptrs("bf16", *names),
+                            warps=cfg.num_warps,
+                            stages=cfg.num_stages,
+                            label=f"D={d} {cfg.kwargs}",
+                            floats=floats,
+                            archs=archs,
+                        )
+                    )
+    return cases

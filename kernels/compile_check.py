@@ -24,211 +24,54 @@ from concurrent.futures import ProcessPoolExecutor
 SHARED_LIMIT = {90: 232_448, 120: 101_376}
 ARCH_NAME = {90: "sm_90 (H100/H200)", 120: "sm_120 (RTX 5090)"}
 
-FP32_PTRS = {"rstd_ptr", "dw_partial_ptr", "LSE", "DELTA", "loss_ptr", "n_valid_ptr", "inv_freq_ptr", "scale_ptr"}
-I64_PTRS = {"pos_ptr", "targets_ptr", "offset_ptr", "numel_ptr"}
-I32_PTRS = {"work_ptr"}
-FLOAT_SCALARS = {"eps", "qk_scale", "sm_scale", "decay", "alpha", "beta1", "beta2"}
 # Integer arguments compiled as multiples of 16, as Triton's JIT specializes them when they are (it
 # does so for every pointer and int argument): strides and sizes are at the presets' shapes
-# (widths 512..4096, d_ff F 1344 and 3072, T 256 and 1024, head dim 32..128), and the cross-entropy kernel's
-# row width V is one at 10,000 and 32,000 and, padded by the fused head, at GPT-2's 50,257. Not
-# ignore_index or head counts, which compile as plain ints.
+# (widths 512..4096, d_ff F 1344 and 3072, T 256 and 1024, head dim 32..128), and the cross-entropy
+# kernel's row width V is one at 10,000 and 32,000 and, padded by the fused head, at GPT-2's 50,257.
+# Not ignore_index or head counts, which compile as plain ints.
 DIVISIBLE_INTS = {"M", "N", "numel", "V", "T", "R", "HALF", "F"}
-ATTENTION_PTRS = {"Q", "K", "V", "O", "LSE", "DO", "DELTA", "DK", "DV", "DQ"}
+MODULES = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy", "adamw")
 
 
-def _cases() -> list[dict]:
-    """(kernel, constexprs, launch options, activation dtype) in the configurations used."""
-    from kernels import adamw, attention, cross_entropy, rms_norm, rope, swiglu
+def _cases(only: str | None = None) -> list[dict]:
+    """Every module's declared configurations (``compile_cases()`` beside its kernels), or those
+    whose kernel name contains ``only``."""
+    import importlib
 
-    cases = []
-    for n in (512, 4096, 16384):
-        block_n, rows, warps = rms_norm._launch_params(n)
-        launch = dict(module="rms_norm", num_warps=warps, num_stages=2, dtype="bf16")
-        for res in (False, True) if n <= 4096 else (False,):  # the fused residual add, at model widths
-            label = f"N={n}" + (" + residual" if res else "")
-            cases.append(
-                dict(
-                    launch,
-                    kernel="_rmsnorm_fwd_kernel",
-                    constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_RES": res},
-                    label=label,
-                )
-            )
-            cases.append(
-                dict(
-                    launch,
-                    kernel="_rmsnorm_bwd_kernel",
-                    constexprs={"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": res, "HAS_DR": res},
-                    label=label,
-                )
-            )
-    for d in (32, 128):
-        block_r, block_h = rope._launch_params(d)
-        for inverse in (False, True):
-            cases.append(
-                dict(
-                    module="rope",
-                    kernel="_rope_kernel",
-                    constexprs={"HAS_K": True, "INVERSE": inverse, "BLOCK_R": block_r, "BLOCK_H": block_h},
-                    num_warps=4,
-                    num_stages=2,
-                    dtype="bf16",
-                    label=f"D={d} inverse={inverse}",
-                )
-            )
-    for k in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
-        cases.append(
-            dict(
-                module="swiglu",
-                kernel=k,
-                constexprs={"BLOCK": swiglu.BLOCK},
-                num_warps=4,
-                num_stages=2,
-                dtype="bf16",
-                label="",
-            )
-        )
-    block_r, block_f = swiglu._packed_blocks(1344)
-    for k in ("_swiglu_packed_fwd_kernel", "_swiglu_packed_bwd_kernel"):
-        cases.append(
-            dict(
-                module="swiglu",
-                kernel=k,
-                constexprs={"BLOCK_R": block_r, "BLOCK_F": block_f},
-                num_warps=4,
-                num_stages=2,
-                dtype="bf16",
-                label=f"BLOCK_R={block_r} BLOCK_F={block_f}",
-            )
-        )
-    for d in (32, 64, 128):
-        for cfg in attention._fwd_configs(d >= attention.LARGE_D):
-            cases.append(
-                dict(
-                    module="attention",
-                    kernel="_attn_fwd_kernel",
-                    constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
-                    num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages,
-                    dtype="bf16",
-                    label=f"D={d} {cfg.kwargs}",
-                )
-            )
-    cases.append(
-        dict(
-            module="attention",
-            kernel="_attn_fwd_kernel",
-            constexprs={"CAUSAL": False, "DOT_PRECISION": "ieee", "D": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_N": 64},
-            num_warps=4,
-            num_stages=3,
-            dtype="fp32",
-            label="fp32 ieee D=64",
-        )
-    )
-    for d in (32, 64, 128):
-        cases.append(
-            dict(
-                module="attention",
-                kernel="_attn_bwd_preprocess_kernel",
-                constexprs={"BLOCK_M": 64, "D": d, "BLOCK_D": d},
-                num_warps=4,
-                num_stages=2,
-                dtype="bf16",
-                label=f"D={d}",
-            )
-        )
-    for d in (32, 64, 128):
-        for k, which in (("_attn_bwd_dkdv_kernel", "dkdv"), ("_attn_bwd_dq_kernel", "dq")):
-            for cfg in attention._bwd_configs(d >= attention.LARGE_D, which):
-                cases.append(
-                    dict(
-                        module="attention",
-                        kernel=k,
-                        constexprs={"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
-                        num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages,
-                        dtype="bf16",
-                        label=f"D={d} {cfg.kwargs}",
-                    )
-                )
-    for single, block in ((True, 16384), (True, 32768), (False, 4096)):
-        for dtype in ("bf16", "fp32") if single else ("bf16",):
-            cases.append(
-                dict(
-                    module="cross_entropy",
-                    kernel="_ce_fwd_kernel",
-                    constexprs={"BLOCK_V": block, "SINGLE_PASS": single, "ALIGN": 1},
-                    num_warps=cross_entropy._warps(block),
-                    num_stages=2,
-                    dtype=dtype,
-                    label=f"single_pass={single} BLOCK_V={block}",
-                )
-            )
-    # Rows whose starts are off 16-byte boundaries (GPT-2's V = 50,257 in bf16: two sweeps; an odd
-    # width in fp32 in one): the width and strides compile as plain ints, as the JIT sees them.
-    for single, block, dtype, align in ((False, 4096, "bf16", 8), (True, 16384, "bf16", 8), (True, 8192, "fp32", 4)):
-        cases.append(
-            dict(
-                module="cross_entropy",
-                kernel="_ce_fwd_kernel",
-                constexprs={"BLOCK_V": block, "SINGLE_PASS": single, "ALIGN": align},
-                num_warps=cross_entropy._warps(block),
-                num_stages=2,
-                dtype=dtype,
-                plain_ints={"V", "stride_logits", "stride_grad"},
-                label=f"single_pass={single} BLOCK_V={block} odd V, ALIGN={align}",
-            )
-        )
-    for p_ty, g_ty in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")):
-        cases.append(
-            dict(
-                module="adamw",
-                kernel="_adamw_kernel",
-                constexprs={
-                    "ALIGN_P": 16 // _BYTES[p_ty],
-                    "ALIGN_G": 16 // _BYTES[g_ty],
-                    "ALIGN_M": 4,
-                    "ALIGN_V": 4,
-                    "HAS_SCALE": True,
-                    "BLOCK": adamw.BLOCK,
-                },
-                num_warps=4,
-                num_stages=2,
-                dtype=p_ty,
-                ptr_dtypes={"p_base": p_ty, "g_base": g_ty, "m_base": "fp32", "v_base": "fp32"},
-                label=f"params {p_ty}, grads {g_ty}",
-            )
-        )
-    cases.append(
-        dict(
-            module="cross_entropy",
-            kernel="_scale_unless_one_kernel",
-            constexprs={"BLOCK": 4096},
-            num_warps=8,
-            num_stages=2,
-            dtype="bf16",
-            label="",
-        )
-    )
-    return cases
+    cases = [c for m in MODULES for c in importlib.import_module(f"kernels.{m}").compile_cases()]
+    return [c for c in cases if only is None or only in c["kernel"]]
 
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+def _params(fn) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of a @triton.jit kernel's arguments (also under TRITON_INTERPRET)."""
+    if hasattr(fn, "params"):
+        return [(p.name, bool(p.is_constexpr)) for p in fn.params]
+    import inspect
+
+    import triton.language as tl
+
+    sig = inspect.signature(fn.fn)
+    return [(n, p.annotation is tl.constexpr or p.annotation == "tl.constexpr") for n, p in sig.parameters.items()]
 
 
-def _signature(fn, dtype: str, module: str) -> dict:
+def _signature(fn, case: dict) -> dict:
+    """Triton signature from the case's declared pointer types and fp32 scalars; other runtime
+    arguments are i32. A declared name the kernel does not take is an error."""
+    pointers, floats = case["pointers"], case.get("floats", set())
+    params = _params(fn)
+    unknown = (set(pointers) | set(floats)) - {n for n, _ in params}
+    if unknown:
+        raise ValueError(f"{case['kernel']}: declared arguments it does not take: {sorted(unknown)}")
     sig = {}
-    for p in fn.params:
-        n = p.name
-        if p.is_constexpr:
+    for n, is_constexpr in params:
+        if is_constexpr:
             sig[n] = "constexpr"
-        elif n.endswith("_ptr") or (module == "attention" and n in ATTENTION_PTRS):
-            sig[n] = (
-                "*fp32" if n in FP32_PTRS else ("*i64" if n in I64_PTRS else "*i32" if n in I32_PTRS else f"*{dtype}")
-            )
-        elif n in FLOAT_SCALARS:
+        elif n in pointers:
+            sig[n] = f"*{pointers[n]}"
+        elif n in floats:
             sig[n] = "fp32"
+        elif n.endswith(("_ptr", "_base")):
+            raise ValueError(f"{case['kernel']}: pointer argument {n} has no declared dtype")
         else:
             sig[n] = "i32"
     return sig
@@ -260,6 +103,50 @@ def widest_global_access(ptx: str, op: str = "ld") -> int:
     return max(widths, default=0)
 
 
+_DOT = re.compile(r"= (?:ttng\.warp_group_dot|tt\.dot) .*?: \S*?<(\d+)x(\d+)x\w+.*?-> tensor<(\d+)x(\d+)x")
+
+
+def mma_usage(ttgir: str, ptx: str, num_warps: int) -> dict:
+    """The tensor-core instructions a kernel issues against what its tiles need.
+
+    kind: "wgmma" (Hopper warpgroup MMA), "mma.sync" (Ampere-style, per warp; what sm_120 has) or
+    "none" (dots lowered to FMAs, as fp32 "ieee" dots are). count: MMA instructions in the PTX, the
+    code every warp (group) runs; minimum: how many it would take if the warps split every product
+    (the TTGIR's dots, M x N x K each) among themselves with the instruction shapes chosen, so
+    count > minimum means some warps compute a product another warp also computes (a tile with
+    fewer rows than the warps' layout covers: 8 warps as [8, 1] on 64 rows run every MMA twice).
+    The PTX and the final TTGIR hold the same, already pipelined and peeled, loop bodies."""
+    needed = sum(int(m) * int(k) * int(n) for m, k, _, n in _DOT.findall(ttgir))
+    wg = [(int(n), int(k)) for n, k in re.findall(r"wgmma\.mma_async\S*?\.m64n(\d+)k(\d+)", ptx)]
+    ms = [(int(m), int(n), int(k)) for m, n, k in re.findall(r"\bmma\.sync\S*?\.m(\d+)n(\d+)k(\d+)", ptx)]
+    if wg:
+        kind, count, issued = "wgmma", len(wg), sum(64 * n * k for n, k in wg) * max(1, num_warps // 4)
+    elif ms:
+        kind, count, issued = "mma.sync", len(ms), sum(m * n * k for m, n, k in ms) * num_warps
+    else:
+        return {"mma": "none", "mma_count": 0, "mma_min": 0, "mma_dup": 1.0}
+    return {
+        "mma": kind,
+        "mma_count": count,
+        "mma_min": round(count * needed / issued) if issued else 0,
+        "mma_dup": round(issued / needed, 3) if needed else 1.0,
+    }
+
+
+def pipeline_depth(ttgir: str) -> int:
+    """Buffers of the deepest multi-buffered shared-memory tile the software pipeliner allocated
+    (the loop's stages of loads in flight); 0 when no loop was pipelined."""
+    return max(
+        (int(d) for d in re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)),
+        default=0,
+    )
+
+
+def tma_loads(ptx: str) -> int:
+    """Tensor-memory-accelerator bulk copies (TMA tensor descriptors) in the PTX."""
+    return len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
+
+
 def compile_one(case: dict, arch: int) -> dict:
     import importlib
 
@@ -278,8 +165,7 @@ def compile_one(case: dict, arch: int) -> dict:
     }
     t0 = time.perf_counter()
     try:
-        sig = _signature(fn, case["dtype"], case["module"])
-        sig.update({k: f"*{v}" for k, v in case.get("ptr_dtypes", {}).items()})
+        sig = _signature(fn, case)
         plain = case.get("plain_ints", set())
         attrs = {
             (i,): [["tt.divisibility", 16]]
@@ -301,6 +187,9 @@ def compile_one(case: dict, arch: int) -> dict:
             load_bits=widest_global_access(k.asm["ptx"], "ld"),
             store_bits=widest_global_access(k.asm["ptx"], "st"),
             async_copies=len(re.findall(r"async_copy_global_to_local", k.asm["ttgir"])),
+            pipeline_depth=pipeline_depth(k.asm["ttgir"]),
+            tma=tma_loads(k.asm["ptx"]),
+            **mma_usage(k.asm["ttgir"], k.asm["ptx"], case["num_warps"]),
         )
     except Exception as e:  # a lowering or ptxas failure is the finding
         row.update(ok=False, fits=False, error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -312,12 +201,12 @@ def _run(args):
     return compile_one(*args)
 
 
-def compile_all(archs=(90, 120), workers: int | None = None) -> list[dict]:
+def compile_all(archs=(90, 120), workers: int | None = None, only: str | None = None) -> list[dict]:
     from kernels._utils import interpreting
 
     if interpreting():
         raise RuntimeError("run the compile check without TRITON_INTERPRET (it compiles for real GPUs)")
-    jobs = [(c, a) for a in archs for c in _cases()]
+    jobs = [(c, a) for a in archs for c in _cases(only) if a in c.get("archs", archs)]
     with ProcessPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
         return list(pool.map(_run, jobs))
 
@@ -328,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         "--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="target (repeatable; default both)"
     )
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--kernel", default=None, help="only kernels whose name contains this (e.g. attn_bwd)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    rows = compile_all(tuple(args.arch or sorted(SHARED_LIMIT)), args.workers)
+    rows = compile_all(tuple(args.arch or sorted(SHARED_LIMIT)), args.workers, args.kernel)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -339,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok" if r["ok"] and r["fits"] else ("TOO MUCH SHARED MEMORY" if r["ok"] else "FAILED")
             shared = f"{r['shared'] / 1024:6.1f} KB" if r.get("shared") is not None else "       -"
             regs = f"{r['registers']:4d} regs {r['spill_bytes']:5d} B spilled" if "registers" in r else ""
-            regs += (
-                f" {r['load_bits']:3d}/{r['store_bits']:3d}-bit ld/st {r['async_copies']:2d} async"
-                if "load_bits" in r
-                else ""
-            )
+            if "load_bits" in r:
+                regs += f" {r['load_bits']:3d}/{r['store_bits']:3d}-bit ld/st {r['async_copies']:2d} async"
+                regs += f" depth {r['pipeline_depth']} tma {r['tma']:2d}"
+                if r["mma"] != "none":
+                    regs += f" {r['mma']} {r['mma_count']:3d} (min {r['mma_min']:3d})"
             print(
                 f"{ARCH_NAME[r['arch']]:<20} {r['kernel']:<30} {r['config']:<48} w{r['num_warps']} "
                 f"s{r['num_stages']} {shared} {regs}  {status} {r.get('error', '')}"

@@ -337,3 +337,49 @@ def cross_entropy(
     buffer); the caller must not read the logits afterwards.
     """
     return CrossEntropyFunction.apply(logits, targets, ignore_index, inplace)
+
+
+def compile_cases() -> list[dict]:
+    """The configurations ``python -m kernels.compile_check`` compiles, with explicit pointer types."""
+    from kernels._utils import compile_case
+
+    def ptrs(dtype):
+        return {"logits_ptr": dtype, "targets_ptr": "i64", "grad_ptr": dtype, "loss_ptr": "fp32", "n_valid_ptr": "fp32"}
+
+    cases = []
+    for single, block in ((True, 16384), (True, 32768), (False, 4096)):
+        for dtype in ("bf16", "fp32") if single else ("bf16",):
+            cases.append(
+                compile_case(
+                    "cross_entropy",
+                    "_ce_fwd_kernel",
+                    {"BLOCK_V": block, "SINGLE_PASS": single, "ALIGN": 1},
+                    ptrs(dtype),
+                    warps=_warps(block),
+                    label=f"single_pass={single} BLOCK_V={block}",
+                )
+            )
+    # Rows whose starts are off 16-byte boundaries (GPT-2's V = 50,257 in bf16: two sweeps; an odd
+    # width in fp32 in one): the width and strides compile as plain ints, as the JIT sees them.
+    for single, block, dtype, align in ((False, 4096, "bf16", 8), (True, 16384, "bf16", 8), (True, 8192, "fp32", 4)):
+        cases.append(
+            compile_case(
+                "cross_entropy",
+                "_ce_fwd_kernel",
+                {"BLOCK_V": block, "SINGLE_PASS": single, "ALIGN": align},
+                ptrs(dtype),
+                warps=_warps(block),
+                plain_ints={"V", "stride_logits", "stride_grad"},
+                label=f"single_pass={single} BLOCK_V={block} odd V, ALIGN={align}",
+            )
+        )
+    cases.append(
+        compile_case(
+            "cross_entropy",
+            "_scale_unless_one_kernel",
+            {"BLOCK": 4096},
+            {"x_ptr": "bf16", "scale_ptr": "fp32"},
+            warps=8,
+        )
+    )
+    return cases

@@ -351,3 +351,38 @@ def add_rms_norm(
     again; the backward adds the stream's gradient into dx and writes the branch's copy in its own
     dtype in the same pass (no separate add and cast)."""
     return AddRMSNormFunction.apply(x, r, weight, eps, out_dtype)
+
+
+def compile_cases() -> list[dict]:
+    """The configurations ``python -m kernels.compile_check`` compiles, with explicit pointer types."""
+    from kernels._utils import compile_case
+
+    cases = []
+    for n in (512, 4096, 16384):
+        block_n, rows, warps = _launch_params(n)
+        for res in (False, True) if n <= 4096 else (False,):  # the fused residual add, at model widths
+            label = f"N={n}" + (" + residual" if res else "")
+            fwd_ptrs = {p: "bf16" for p in ("x_ptr", "r_ptr", "h_ptr", "w_ptr", "y_ptr")}
+            cases.append(
+                compile_case(
+                    "rms_norm",
+                    "_rmsnorm_fwd_kernel",
+                    {"ROWS": rows, "BLOCK_N": block_n, "HAS_RES": res},
+                    {**fwd_ptrs, "rstd_ptr": "fp32"},
+                    warps=warps,
+                    label=label,
+                    floats={"eps"},
+                )
+            )
+            bwd_ptrs = {p: "bf16" for p in ("dy_ptr", "x_ptr", "w_ptr", "dx_ptr", "dres_ptr", "dr_ptr")}
+            cases.append(
+                compile_case(
+                    "rms_norm",
+                    "_rmsnorm_bwd_kernel",
+                    {"ROWS": rows, "BLOCK_N": block_n, "HAS_DRES": res, "HAS_DR": res},
+                    {**bwd_ptrs, "rstd_ptr": "fp32", "dw_partial_ptr": "fp32"},
+                    warps=warps,
+                    label=label,
+                )
+            )
+    return cases

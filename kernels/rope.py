@@ -216,3 +216,24 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, token_positions: torch.Tensor, the
     if q.shape != k.shape:
         return rope(q, token_positions, theta), rope(k, token_positions, theta)
     return RoPEQKFunction.apply(q, k, token_positions, float(theta))
+
+
+def compile_cases() -> list[dict]:
+    """The configurations ``python -m kernels.compile_check`` compiles, with explicit pointer types."""
+    from kernels._utils import compile_case
+
+    ptrs = {
+        "q_ptr": "bf16",
+        "k_ptr": "bf16",
+        "qo_ptr": "bf16",
+        "ko_ptr": "bf16",
+        "pos_ptr": "i64",
+        "inv_freq_ptr": "fp32",
+    }
+    cases = []
+    for d in (32, 128):
+        block_r, block_h = _launch_params(d)
+        for inverse in (False, True):
+            constexprs = {"HAS_K": True, "INVERSE": inverse, "BLOCK_R": block_r, "BLOCK_H": block_h}
+            cases.append(compile_case("rope", "_rope_kernel", constexprs, ptrs, label=f"D={d} inverse={inverse}"))
+    return cases

@@ -233,3 +233,24 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with fp32 math, output in gate's dtype."""
     return SwiGLUFunction.apply(gate, up)
+
+
+def compile_cases() -> list[dict]:
+    """The configurations ``python -m kernels.compile_check`` compiles, with explicit pointer types."""
+    from kernels._utils import compile_case
+
+    block_r, block_f = _packed_blocks(1344)
+    packed = {"BLOCK_R": block_r, "BLOCK_F": block_f}
+    label = f"BLOCK_R={block_r} BLOCK_F={block_f}"
+    bf16 = lambda *names: {n: "bf16" for n in names}  # noqa: E731
+    return [
+        compile_case("swiglu", "_swiglu_fwd_kernel", {"BLOCK": BLOCK}, bf16("gate_ptr", "up_ptr", "out_ptr")),
+        compile_case(
+            "swiglu",
+            "_swiglu_bwd_kernel",
+            {"BLOCK": BLOCK},
+            bf16("dy_ptr", "gate_ptr", "up_ptr", "dgate_ptr", "dup_ptr"),
+        ),
+        compile_case("swiglu", "_swiglu_packed_fwd_kernel", packed, bf16("h_ptr", "out_ptr"), label=label),
+        compile_case("swiglu", "_swiglu_packed_bwd_kernel", packed, bf16("dy_ptr", "h_ptr", "dh_ptr"), label=label),
+    ]
