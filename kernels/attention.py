@@ -75,14 +75,16 @@ def _fwd_inner(
         k = tl.load(
             k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :] & d_mask[:, None], other=0.0
         )
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        # Raw scores: the max is taken on them (scale > 0 keeps its place), and the scale goes into
+        # exp2's argument as one FMA per element, s * qk_scale - m, not a multiply and a subtract.
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if MASK_CAUSAL:
             s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
         if MASK_T:
             s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(_tile(v_base, cols, stride_vt, offs_d), mask=col_ok[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
