@@ -33,8 +33,12 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# Job credentials live 10 s instead of 120 s: a requeued job may start again once its old
-# credential has expired, so the requeue delay of this test cluster is about 10 s, not 2 minutes.
+# Requeue latency. A requeued job may not start again before its old job credential expires
+# (cred_expire: 120 s by default, 10 s here). Once that begin time passes no event wakes the
+# scheduler: backfill runs only after a change to jobs or nodes, and the main loop only every
+# sched_interval (60 s by default), so a restart took 50-60 s. sched_interval=2 starts it within
+# about 12 s of the requeue (tests/test_slurm.py bounds it). A real cluster's delay is its own
+# cred_expire plus up to its sched_interval.
 AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -52,7 +56,7 @@ SlurmdLogFile=$DIR/log/slurmd.log
 SlurmctldPort=6817
 SlurmdPort=6818
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_min_interval=100000
+SchedulerParameters=bf_interval=1,sched_interval=2,sched_min_interval=100000
 MinJobAge=300
 KillWait=5
 InactiveLimit=0

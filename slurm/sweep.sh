@@ -5,14 +5,16 @@
 #
 # Submitted without --array, the script works out the array from the grid (0-(N-1)%K, K the sweep's
 # max_concurrent) and resubmits itself as that array, forwarding partition, time limit, GPUs and CPUs.
+# The submitting job logs to logs/%x_%j.out, the array tasks to logs/%x_%A_%a.out (create logs/ first).
 # Each task decodes SLURM_ARRAY_TASK_ID into its configuration, names its run from the varied values
 # and runs python -m train under srun with the job's remaining time as the trainer's time budget.
-# Before the time limit (--signal=USR1@120) the trainer checkpoints and exits 3; the task then
-# requeues itself and, restarted, resumes from its checkpoint. On SIGTERM (scancel, or preemption
-# with PreemptMode=REQUEUE, where Slurm requeues by itself) it checkpoints and does not requeue.
+# Outcomes are handled as in train.sh (slurm/lib.sh finish_job): at the budget, or on USR1 (120 s
+# before the limit, or scancel --signal=USR1) the trainer checkpoints and the task requeues itself
+# and, restarted, resumes from its checkpoint. On SIGTERM (scancel, or preemption with
+# PreemptMode=REQUEUE, where Slurm requeues by itself) it checkpoints and does not requeue.
 #
 #SBATCH --job-name=fastlm-sweep
-#SBATCH --output=logs/%x_%A_%a.out
+#SBATCH --output=logs/%x_%j.out
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
@@ -27,7 +29,7 @@ cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     # Not an array yet: submit the array this sweep needs, with this job's resources.
     ARRAY=$("$PY" -m train.sweep array "$SWEEP") || exit 1
-    opts=(--array="$ARRAY" --job-name="${SLURM_JOB_NAME:-fastlm-sweep}")
+    opts=(--array="$ARRAY" --job-name="${SLURM_JOB_NAME:-fastlm-sweep}" --output="logs/%x_%A_%a.out")
     if [ -n "${SLURM_JOB_ID:-}" ]; then
         info=$(scontrol show job -o "$SLURM_JOB_ID")
         part=$(grep -oP 'Partition=\K\S+' <<<"$info" || true)
@@ -44,6 +46,7 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     exec sbatch "${opts[@]}" "$SCRIPT" "$SWEEP" "$@"
 fi
 
+START=$(date +%s)
 read -r -a budget <<<"$(time_budget_args)"
 
 mapfile -t ARGS < <("$PY" - "$SWEEP" "$SLURM_ARRAY_TASK_ID" <<'PY'
@@ -54,22 +57,13 @@ for a in train_args(load_sweep(sys.argv[1]), int(sys.argv[2])):
 PY
 )
 [ "${#ARGS[@]}" -gt 0 ] || { echo "could not decode task $SLURM_ARRAY_TASK_ID of $SWEEP" >&2; exit 1; }
-echo "task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (restart ${SLURM_RESTART_COUNT:-0}): python -m train ${ARGS[*]} ${budget[*]} $*"
+read -r RUN_DIR _ < <(run_dir_of unnamed "${ARGS[@]}" "$@")
+[ -n "$RUN_DIR" ] || { "$PY" -m train "${ARGS[@]}" "$@" --print-config >/dev/null; exit $?; }  # its one-line error
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_process 1)}
+echo "task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} = job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}, started $(date -d @"$START" '+%F %T'))," \
+    "$OMP_NUM_THREADS thread(s): python -m train ${ARGS[*]} ${budget[*]} $* -> $RUN_DIR"
 
-# One intra-op thread per allocated CPU: oversubscribed OpenMP threads spin against each other.
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
-
-# Signals to the batch shell (--signal=B:USR1@..., scancel -b) are passed on to the trainer.
-run_forwarding_signals srun --ntasks=1 --kill-on-bad-exit=1 "$PY" -m train "${ARGS[@]}" "${budget[@]}" --quiet "$@"
-code=$CHILD_EXIT
-run_dir=$(printf '%s\n' "${ARGS[@]}" | awk 'p=="--out-dir"{o=$0} p=="--run-name"{n=$0} {p=$0} END{print o"/"n}')
-status=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['status'])" "$run_dir/summary.json" 2>/dev/null || echo unknown)
-echo "trainer exit code $code, status: $status"
-# USR1 (the time-limit warning, or a manual scancel --signal=USR1) and a reached time budget mean
-# "continue later": requeue. SIGTERM means scancel or preemption: Slurm decides, we do not requeue.
-if [ "$status" = "interrupted by SIGUSR1" ] || [ "$status" = "time budget reached" ]; then
-    echo "requeueing ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} to resume from its checkpoint"
-    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
-    exit 0
-fi
-exit "$code"
+# Slurm signals (USR1 before the limit, TERM on scancel) reach the trainer in the step directly;
+# those sent to the batch shell only (--signal=B:..., scancel --batch) are passed on.
+run_forwarding_signals srun --ntasks=1 --kill-on-bad-exit=1 "$PY" -m train "${ARGS[@]}" "${budget[@]}" "$@"
+finish_job "$RUN_DIR" "$START" "$CHILD_EXIT"

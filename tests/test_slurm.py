@@ -116,6 +116,7 @@ def slurm(tmp_path_factory):
     if why:
         pytest.skip(why)
     d = tmp_path_factory.mktemp("slurm")
+    (ROOT / "logs").mkdir(exist_ok=True)  # Slurm opens the jobs' logs there and creates no directory
     out = subprocess.run(
         ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "start", str(d)], capture_output=True, text=True, timeout=120
     )
@@ -140,9 +141,9 @@ def _wait(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _submit_sweep(env, sweep_path, job_name):
-    launcher = _sh(env, "sbatch", f"--job-name={job_name}", "slurm/sweep.sh", str(sweep_path)).split()[-1]
-    log = ROOT / "logs" / f"{job_name}_{launcher}_4294967294.out"
+def _submit_sweep(env, sweep_path, job_name, *sbatch_args):
+    launcher = _sh(env, "sbatch", f"--job-name={job_name}", *sbatch_args, "slurm/sweep.sh", str(sweep_path)).split()[-1]
+    log = ROOT / "logs" / f"{job_name}_{launcher}.out"  # the submitting job is no array: its own id
     _wait(lambda: log.exists() and "Submitted batch job" in log.read_text(), 60, "the array submission")
     array_id = log.read_text().split("Submitted batch job")[-1].split()[0]
     log.unlink()
@@ -153,6 +154,7 @@ def _logs(job_name, array_id):
     return sorted((ROOT / "logs").glob(f"{job_name}_{array_id}_*.out"))
 
 
+@pytest.mark.slow
 def test_sbatch_sweep_runs_every_configuration(slurm, tmp_path):
     path = write_sweep(tmp_path, "arr", {"lr": [1e-3, 3e-3, 1e-2]}, 30, log_interval=10, eval_interval=10)
     name = f"t-sweep-{os.getpid()}"
@@ -174,6 +176,7 @@ def test_sbatch_sweep_runs_every_configuration(slurm, tmp_path):
             p.unlink(missing_ok=True)
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     steps = 150
     path = write_sweep(
@@ -204,3 +207,102 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     finally:
         for p in logs:
             p.unlink(missing_ok=True)
+
+
+def _restart_gaps(log_text: str) -> list[float]:
+    """Seconds from each "requeueing ... at T" line of a job's log to the next "started T"."""
+    import re
+    from datetime import datetime
+
+    events = re.findall(r"(requeueing|started) .*?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log_text)
+    times = [(kind, datetime.strptime(t, "%Y-%m-%d %H:%M:%S")) for kind, t in events]
+    return [
+        (b[1] - a[1]).total_seconds() for a, b in zip(times, times[1:]) if a[0] == "requeueing" and b[0] == "started"
+    ]
+
+
+# The requeue delay of the test cluster: cred_expire (10 s) plus up to sched_interval (2 s) plus the
+# scripts' start; 60 s or more before sched_interval was set (slurm/local_cluster.sh).
+RESTART_BOUND_S = 30
+
+
+@pytest.mark.slow
+def test_time_limited_sweep_task_finishes_over_several_allocations(slurm, tmp_path):
+    """A task whose run needs about three allocations of its time limit requeues itself at each
+    time budget and finishes at the same step, with the same logged steps, as an unlimited run."""
+    steps = 400
+    path = write_sweep(
+        tmp_path, "lim", {"lr": [3e-3]}, steps, log_interval=50, eval_interval=1000, checkpoint_interval=1000
+    )
+    # A 1-minute limit with 47 s held back: each allocation gets a --time-budget of about 12 s
+    # (about 150 steps here). USR1 at 5 s before the limit, after the budget.
+    env = {**slurm, "FASTLM_TIME_RESERVE": "47", "SBATCH_SIGNAL": "USR1@5"}
+    name = f"t-lim-{os.getpid()}"
+    array_id = _submit_sweep(env, path, name, "--time=1")
+    from train.cli import main as train_main
+
+    # The same run without a time limit, while the task runs.
+    assert train_main(train_args(load_sweep(path), 0, out_dir=str(tmp_path / "ref"))) == 0
+    _wait(lambda: _sh(slurm, "squeue", "-h", "-j", array_id, check=False) == "", 400, "the time-limited task")
+    logs = _logs(name, array_id)
+    try:
+        text = logs[0].read_text()
+        run, ref = tmp_path / "runs" / "lim-lr=0.003", tmp_path / "ref" / "lim-lr=0.003"
+        summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run, ref))
+        assert summary["status"] == "finished" and summary["step"] == ref_summary["step"] == steps, text[-3000:]
+        assert "restart 2" in text and text.count("status: time budget reached") >= 2, text[-3000:]
+        logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        ref_logged = [json.loads(line)["step"] for line in (ref / "metrics.jsonl").read_text().splitlines()]
+        assert sorted(set(logged)) == logged and set(ref_logged) <= set(logged), (logged, ref_logged)
+        gaps = _restart_gaps(text)
+        assert len(gaps) >= 2 and max(gaps) < RESTART_BOUND_S, gaps
+    finally:
+        for p in logs:
+            p.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_train_sh_usr1_requeues_and_resumes_then_scancel_stops_it(slurm, tmp_path):
+    """train.sh with 2 gloo processes through torchrun: USR1 checkpoints (rank 0), the job requeues
+    itself and resumes from its checkpoint; scancel (SIGTERM) checkpoints and ends the job, no requeue."""
+    run = tmp_path / "runs" / "tr"
+    name = f"t-train-{os.getpid()}"
+    args = ["--preset", "smoke", "--kernels", "torch", "--device", "cpu", "--train-text", str(CORPUS)]
+    args += ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--run-name", "tr"]
+    args += ["--max-steps", "100000", "--log-interval", "5", "--eval-interval", "100000"]
+    args += ["--checkpoint-interval", "100000", "--sample-tokens", "0"]
+    env = {**slurm, "NPROC_PER_NODE": "2"}
+    job = _sh(env, "sbatch", "--parsable", f"--job-name={name}", "slurm/train.sh", *args).split(";")[0]
+    log = ROOT / "logs" / f"{name}_{job}.out"
+    metrics = run / "metrics.jsonl"
+
+    def logged_steps():
+        return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+    try:
+        _wait(lambda: len(logged_steps()) >= 2, 180, "the first steps")
+        _sh(slurm, "scancel", "--signal=USR1", job)
+        _wait(lambda: log.exists() and "restart 1" in log.read_text(), 120, "the requeued job to start")
+        ckpts = sorted((run / "checkpoints").glob("*.pt"))
+        assert len(ckpts) == 1, ckpts
+        stopped_at = int(ckpts[0].stem.split("_")[1])
+        text = log.read_text()
+        assert "status: interrupted by SIGUSR1" in text and "requeueing" in text, text[-3000:]
+        assert "2 process(es), 1 thread(s) each" in text  # the node's CPUs shared out, not a fixed 4
+        _wait(lambda: any(s > stopped_at + 5 for s in logged_steps()), 180, "steps after the resume")
+        _sh(slurm, "scancel", job)
+        _wait(lambda: _sh(slurm, "squeue", "-h", "-j", job, check=False) == "", 60, "the cancelled job to end")
+        time.sleep(2)  # squeue is empty once the batch step ends; its last lines follow
+        text = log.read_text()
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "interrupted by SIGTERM", (summary, text[-3000:])
+        last = max(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("*.pt"))
+        assert last > stopped_at + 5 and summary["step"] == last
+        assert text.count("requeueing") == 1 and "restart 2" not in text, text[-3000:]
+        steps = logged_steps()
+        assert steps == sorted(set(steps)) and stopped_at in steps  # resumed where it stopped: no step repeated
+        gaps = _restart_gaps(text)
+        assert len(gaps) == 1 and gaps[0] < RESTART_BOUND_S, gaps
+    finally:
+        _sh(slurm, "scancel", job, check=False)
+        log.unlink(missing_ok=True)
