@@ -33,6 +33,10 @@ SMOKE = ["--preset", "smoke", "--quiet", "--kernels", "torch", "--device", "cpu"
 EOT = "<|endoftext|>"
 
 
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -121,8 +125,8 @@ def smoke_export(tmp_path_factory, shared_data):
     """A smoke-preset run of a few steps on corpus.en, exported with ``python -m train.export --run``."""
     d = tmp_path_factory.mktemp("smoke")
     args = SMOKE + ["--train-text", str(shared_data / "corpus.en"), "--data-dir", str(d / "data")]
-    args += ["--out-dir", str(d / "runs"), "--run-name", "r", "--max-steps", "6", "--eval-interval", "6"]
-    args += ["--log-interval", "6", "--sample-tokens", "0", "--checkpoint-interval", "6"]
+    args += ["--out-dir", str(d / "runs"), "--run-name", "r", "--max-steps", "40", "--eval-interval", "40"]
+    args += ["--log-interval", "1", "--sample-tokens", "0", "--checkpoint-interval", "40"]
     assert train_main(args) == 0
     run = d / "runs" / "r"
     assert export_main(["--run", str(run), "--out", str(d / "hf")]) == 0
@@ -352,3 +356,76 @@ def test_package_never_imports_transformers():
         or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "transformers")
     ]
     assert not found, found
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_written_by_transformers_is_read(tmp_path, tied):
+    # A Llama that transformers itself wrote (its own config.json keys, its safetensors layout).
+    config = transformers.LlamaConfig(
+        vocab_size=260,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 700.0},
+        tie_word_embeddings=tied,
+    )
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    theirs.save_pretrained(tmp_path)
+    save_hf_tokenizer(tmp_path, byte_tokenizer(), EOT, 32)
+    back = load_llama_dir(tmp_path)
+    assert (back.config.rope_theta, back.config.norm_eps, back.config.context_length) == (700.0, 1e-6, 32)
+    ours = TransformerLM(back.config)
+    ours.load_state_dict(back.state_dict)
+    x = torch.randint(0, 260, (2, 11))
+    with torch.no_grad():
+        assert rel_err(theirs(x).logits, ours(x)) <= 1e-5
+
+
+# --- python -m train --init-from DIR ---------------------------------------------------------
+
+
+def test_init_from_then_export_gives_identical_files(smoke_export, tmp_path, shared_data):
+    hf, ours, tok = smoke_export
+    # lr 0: one optimizer step that leaves every weight as it was, then the final checkpoint.
+    args = SMOKE + ["--init-from", str(hf), "--train-text", str(shared_data / "corpus.en")]
+    args += ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--run-name", "again"]
+    args += ["--max-steps", "1", "--lr", "0", "--min-lr", "0", "--sample-tokens", "0", "--eval-interval", "1"]
+    assert train_main(args) == 0
+    run = tmp_path / "runs" / "again"
+    assert Tokenizer.load(run / "tokenizer").fingerprint() == tok.fingerprint()  # DIR's tokenizer, not a new BPE
+    assert export_main(["--run", str(run), "--out", str(tmp_path / "hf2")]) == 0
+    for f in sorted(hf.iterdir()):
+        assert (tmp_path / "hf2" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_init_from_trains_from_the_weights(smoke_export, tmp_path, shared_data):
+    hf, ours, tok = smoke_export
+    args = SMOKE + ["--init-from", str(hf), "--train-text", str(shared_data / "corpus.en"), "--quiet"]
+    args += ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--run-name", "ft"]
+    args += ["--max-steps", "2", "--log-interval", "1", "--sample-tokens", "0", "--eval-interval", "2"]
+    assert train_main(args) == 0
+    rows = metrics(tmp_path / "runs" / "ft")
+    before = metrics(hf.parent / "runs" / "r")
+    # The first step's loss is the exported model's (where the smoke run ended), not a fresh model's.
+    assert rows[0]["train_loss"] < before[0]["train_loss"] - 0.5
+    assert abs(rows[0]["train_loss"] - before[-1]["train_loss"]) < 0.3
+    config = json.loads((tmp_path / "runs" / "ft" / "config.json").read_text())
+    assert config["model"] == ours.config.to_dict() and config["run"]["init_from"] == str(hf.resolve())
+
+
+def test_init_from_takes_the_model_from_the_directory(smoke_export):
+    from train.cli import resolve
+    from train.errors import UserError
+
+    hf, ours, _ = smoke_export
+    _, cfg, run, _ = resolve(["--init-from", str(hf), "--preset", "tinystories"])
+    assert cfg == ours.config and run.init_from == str(hf)
+    _, cfg, _, _ = resolve(["--init-from", str(hf), "--context-length", "32"])
+    assert cfg.context_length == 32 and cfg.d_model == ours.config.d_model
+    with pytest.raises(ValueError, match="--d-model 128 differs from .*config.json's 64"):
+        resolve(["--init-from", str(hf), "--d-model", "128"])
+    with pytest.raises((UserError, FileNotFoundError), match="model directory not found"):
+        resolve(["--init-from", str(hf.parent / "nowhere")])

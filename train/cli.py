@@ -146,6 +146,11 @@ def resolve(argv: list[str] | None = None) -> tuple[str, ModelConfig, RunConfig,
     if run_kw.get("max_steps") is not None and "max_tokens" not in given:
         run_kw["max_tokens"] = None
     try:
+        if run_kw.get("init_from"):  # the model is the directory's; only free settings may be given
+            from train.hf_llama import init_model_config
+
+            model = init_model_config(run_kw["init_from"], {k: v for k, v in given.items() if k in model_names})
+            return preset_name, model, RunConfig(**run_kw), args
         return preset_name, ModelConfig(**model_kw), RunConfig(**run_kw), args
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -41,6 +41,11 @@ class RunConfig:
     tokenizer: str | None = _f(None, "tokenizer directory, for samples when training from token files")
     data_dir: str = _f("data", "where downloads and prepared token files are cached")
     special_token: str = _f("<|endoftext|>", "document separator and stop token")
+    init_from: str | None = _f(
+        None,
+        "Hugging Face Llama directory (python -m train.export's, or a Llama this model can express): the run "
+        "starts from its weights, model settings and tokenizer",
+    )
     # optimization
     batch_size: int = _f(64, "sequences per optimizer step, across all GPUs and accumulation steps")
     grad_accum: int = _f(1, "micro-batches per optimizer step (memory vs. step time)")

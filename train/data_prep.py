@@ -148,8 +148,10 @@ def prepare_text(
     special_token: str,
     data_dir: str | Path,
     progress: bool = True,
+    tokenizer=None,
 ) -> PreparedData:
-    """Train a BPE on ``train_text`` and encode both texts, cached by content hash."""
+    """Train a BPE on ``train_text`` (or take ``tokenizer``, a Tokenizer: ``--init-from``'s) and
+    encode both texts, cached by content hash."""
     from tokenizer.bpe_train import train_bpe
     from tokenizer.encode import encode_file
     from tokenizer.tokenizer import Tokenizer
@@ -158,16 +160,19 @@ def prepare_text(
     for p in (train_text, valid_text):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"text file not found: {p}")
-    key = hashlib.sha256(f"{_file_hash(train_text)}|{vocab_size}|{special_token}".encode()).hexdigest()[:16]
+    settings = f"{vocab_size}|{special_token}" if tokenizer is None else f"tokenizer {tokenizer.fingerprint()}"
+    key = hashlib.sha256(f"{_file_hash(train_text)}|{settings}".encode()).hexdigest()[:16]
     cache = Path(data_dir) / "prepared" / key
     tok_dir = cache / "tokenizer"
     train_bin = cache / "train.bin"
     valid_bin = cache / f"valid-{_file_hash(Path(valid_text))[:16]}.bin" if valid_text is not None else None
     with _locked(cache / ".lock"):
         if not (tok_dir / "vocab.json").exists():
-            vocab, merges = train_bpe(train_text, vocab_size, [special_token], progress=progress)
+            if tokenizer is None:
+                vocab, merges = train_bpe(train_text, vocab_size, [special_token], progress=progress)
+                tokenizer = Tokenizer(vocab, merges, [special_token])
             tmp_dir = cache / "tokenizer.tmp"
-            Tokenizer(vocab, merges, [special_token]).save(tmp_dir)
+            tokenizer.save(tmp_dir)
             os.replace(tmp_dir, tok_dir)
         if not train_bin.exists():
             encode_file(tok_dir, train_text, train_bin, progress=progress)
@@ -185,8 +190,33 @@ def split_tail(tokens: np.ndarray, fraction: float = 0.05) -> tuple[np.ndarray, 
     return tokens[:-n_valid], tokens[-n_valid:]
 
 
+def init_from_tokenizer(run):
+    """``--init-from``'s tokenizer (its tokenizer.json as our Tokenizer); the run's special token
+    (document separator, stop token) must be one of its special tokens."""
+    from train.hf_llama import read_llama_tokenizer
+
+    tok = read_llama_tokenizer(run.init_from)
+    if run.special_token not in tok.special_ids:
+        raise ValueError(
+            f"--special-token {run.special_token!r} is not a special token of {run.init_from}'s tokenizer "
+            f"({', '.join(tok.special_tokens) or 'it has none'})"
+        )
+    return tok
+
+
+def _saved_tokenizer(tok, data_dir: str | Path) -> Path:
+    """A directory holding ``tok`` in our format, cached under ``data_dir`` by its fingerprint."""
+    out = Path(data_dir) / "prepared" / f"tokenizer-{tok.fingerprint()}"
+    with _locked(out.with_name(out.name + ".lock")):
+        if not (out / "vocab.json").exists():
+            tok.save(out.with_name(out.name + ".tmp"))
+            os.replace(out.with_name(out.name + ".tmp"), out)
+    return out
+
+
 def prepare_data(run, model_cfg, progress: bool = True) -> PreparedData:
     """Resolve a RunConfig's data options into train/valid token arrays."""
+    init_tok = init_from_tokenizer(run) if run.init_from else None
     if run.train_data:
         train = load_tokens(run.train_data)
         if run.valid_data:
@@ -194,6 +224,8 @@ def prepare_data(run, model_cfg, progress: bool = True) -> PreparedData:
         else:
             train, valid = split_tail(train)
         tok_dir = run.tokenizer
+        if tok_dir is None and init_tok is not None:
+            tok_dir = str(_saved_tokenizer(init_tok, run.data_dir))
         if tok_dir is None:
             import json
 
@@ -203,11 +235,13 @@ def prepare_data(run, model_cfg, progress: bool = True) -> PreparedData:
         return PreparedData(train, valid, tok_dir)
     if run.train_text:
         return prepare_text(
-            run.train_text, run.valid_text, model_cfg.vocab_size, run.special_token, run.data_dir, progress
+            run.train_text, run.valid_text, model_cfg.vocab_size, run.special_token, run.data_dir, progress, init_tok
         )
     if run.dataset:
         train_txt, valid_txt = fetch_dataset(run.dataset, run.data_dir, run.dataset_mirror, progress)
-        return prepare_text(train_txt, valid_txt, model_cfg.vocab_size, run.special_token, run.data_dir, progress)
+        return prepare_text(
+            train_txt, valid_txt, model_cfg.vocab_size, run.special_token, run.data_dir, progress, init_tok
+        )
     raise ValueError(
         "no training data: pass --train-data FILE.bin (from 'python -m tokenizer encode'), "
         "--train-text FILE.txt (raw text; a tokenizer is trained and cached), or --dataset tinystories|owt"

@@ -166,6 +166,7 @@ def init_model_config(directory: str | os.PathLike, given: dict) -> ModelConfig:
     (model settings named on the command line or in a config file) applied where they are free to
     differ (``FREE_ON_INIT``); any other given setting must equal the directory's."""
     cfg = read_llama_config(directory).to_dict()
+    free = ["--" + name.replace("_", "-") for name in FREE_ON_INIT]
     for name, value in given.items():
         if name in FREE_ON_INIT:
             cfg[name] = value
@@ -173,7 +174,7 @@ def init_model_config(directory: str | os.PathLike, given: dict) -> ModelConfig:
             flag = "--" + name.replace("_", "-")
             raise ValueError(
                 f"{flag} {value!r} differs from {Path(directory) / CONFIG}'s {cfg[name]!r}: a run started "
-                f"--init-from takes the model from there (only {', '.join(FREE_ON_INIT)} may change)"
+                f"--init-from takes the model from there (only {', '.join(free)} may change)"
             )
     return ModelConfig(**cfg)
 

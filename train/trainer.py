@@ -168,6 +168,13 @@ class Trainer:
             except ValueError as e:
                 raise UserError(f"{state['path']}: {e}") from None
             self.raw_model.load_state_dict(state["model"])
+        elif r.init_from:  # a fresh run starts from a Llama directory's weights (q/k rows permuted back)
+            from train.hf_llama import read_llama_weights
+
+            try:
+                self.raw_model.load_state_dict(read_llama_weights(r.init_from, self.model_cfg))
+            except ValueError as e:
+                raise UserError(f"--init-from {r.init_from}: {e}") from None
         self.model = wrap_model(self.raw_model, self.dist, self.device, r.fsdp)
         # The optimizer is built on the wrapped model's parameters (FSDP2 swaps in sharded ones).
         # --kernels triton: the fused AdamW kernel too (it falls back to foreach for FSDP2's shards).
@@ -223,7 +230,8 @@ class Trainer:
         else:
             data.tokenizer_dir = None
         size = tokenizer_size(data.tokenizer_dir)
-        if size is not None and size != self.model_cfg.vocab_size:
+        # --init-from: the weights fix the vocab size (a Llama's may exceed its tokenizer's ids).
+        if size is not None and size != self.model_cfg.vocab_size and not self.run.init_from:
             if self.dist.is_main:
                 print(
                     f"note: the tokenizer has {size} ids; the model's vocab_size follows it "
