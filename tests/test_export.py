@@ -429,3 +429,20 @@ def test_init_from_takes_the_model_from_the_directory(smoke_export):
         resolve(["--init-from", str(hf), "--d-model", "128"])
     with pytest.raises((UserError, FileNotFoundError), match="model directory not found"):
         resolve(["--init-from", str(hf.parent / "nowhere")])
+
+
+def test_tinystories_preset_shape_exports_and_generates_the_same(tmp_path):
+    # The preset the README's goal names (vocab 10,000, d_model 512, 4 layers, 16 heads), random weights.
+    from train.config import preset
+
+    cfg, _ = preset("tinystories")
+    ours = random_model(cfg)
+    vocab = {i: bytes([i]) for i in range(256)} | {256 + i: f"<w{i}>".encode() for i in range(cfg.vocab_size - 257)}
+    save_llama_dir(tmp_path, cfg, ours.state_dict(), Tokenizer(vocab, [], [EOT]), stop_token=EOT)
+    theirs = hf_model(tmp_path)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert rel_err(theirs(prompt).logits, ours(prompt)) <= 1e-5
+    mine = generate(ours, prompt, max_new_tokens=8, temperature=0.0, stop_token=cfg.vocab_size - 1)[0]
+    out = theirs.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert out[0, 9:].tolist() == mine
