@@ -359,3 +359,21 @@ def test_cli_errors(tmp_path, capsys):
         )
         == 1
     )
+
+
+@pytest.mark.parametrize("bad, msg", [([""], "is empty"), (["<|a|>", "<|a|>"], "more than once")])
+def test_bad_special_tokens_refused(tmp_path, bad, msg):
+    from tokenizer import validate_special_tokens
+
+    with pytest.raises(ValueError, match=msg):
+        validate_special_tokens(bad)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world " * 10)
+    with pytest.raises(ValueError, match=msg):
+        train_bpe(corpus, 300, bad)
+    with pytest.raises(ValueError, match=msg):
+        Tokenizer({i: bytes([i]) for i in range(256)}, [], bad)
+    args = ["train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "o"), "--quiet"]
+    for s in bad:
+        args += ["--special-token", s]
+    assert cli_main(args) == 1

@@ -28,6 +28,7 @@ from tokenizer.pretokenize import (
     special_splitter,
     split_on_specials,
 )
+from tokenizer.special import validate_special_tokens
 
 CHUNK_BYTES = 8 * 2**20  # per piece for the process pool (each piece costs a process round trip)
 NATIVE_CHUNK_BYTES = 2 * 2**20  # per piece for the threads: small pieces keep peak memory low
@@ -171,7 +172,7 @@ def train_bpe(
     Fewer merges are made only when the corpus runs out of pairs (the vocab is then smaller).
     ``use_native=False`` forces the pure-Python path (the compiled core gives the same result).
     """
-    special_tokens = list(dict.fromkeys(special_tokens or []))
+    special_tokens = validate_special_tokens(list(special_tokens or []), "training special tokens")
     path = Path(input_path)
     if not path.is_file():
         raise FileNotFoundError(f"training corpus not found: {path}")

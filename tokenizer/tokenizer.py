@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tokenizer import native
 from tokenizer.pretokenize import PRETOKEN_RE, special_splitter, split_on_specials
+from tokenizer.special import validate_special_tokens
 
 
 @lru_cache(maxsize=1)
@@ -63,7 +64,7 @@ class Tokenizer:
     ):
         self.vocab = dict(vocab)
         self.merges = list(merges)
-        self.special_tokens = list(dict.fromkeys(special_tokens or []))
+        self.special_tokens = validate_special_tokens(list(special_tokens or []))
         self.byte_to_id: dict[bytes, int] = {b: i for i, b in self.vocab.items()}
         for s in self.special_tokens:
             sb = s.encode("utf-8")
