@@ -6,11 +6,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from train.errors import STATUS_EXIT
 from train.sweep import (
     array_spec,
     configurations,
@@ -94,6 +96,30 @@ def test_sweep_runs_locally_without_slurm_and_summarizes(tmp_path, capsys):
     assert list(series) == ["lr"] and [x for x, _ in series["lr"]][:2] == [3e-5, 3e-3]
     assert plot_swept_settings(summaries, tmp_path / "p.png") == [("lr", "log")]
     assert not log_axis("batch_size", [8, 16]) and log_axis("batch_size", [1, 64])
+
+
+@pytest.mark.skipif(not CORPUS.exists(), reason="needs ../shared/data/corpus.en")
+def test_time_budget_is_per_process_so_restarts_keep_progressing(tmp_path):
+    """What each requeued allocation does, without Slurm: three --time-budget runs in a row resume
+    one another and each makes similar progress (the budget once counted all restarts together:
+    the second and third runs trained one step each)."""
+    args = ["--preset", "smoke", "--kernels", "torch", "--device", "cpu", "--train-text", str(CORPUS)]
+    args += ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--run-name", "b"]
+    args += ["--max-steps", "100000", "--log-interval", "10", "--eval-interval", "100000", "--sample-tokens", "0"]
+    args += ["--time-budget", "12", "--quiet"]
+    summary_file = tmp_path / "runs" / "b" / "summary.json"
+    steps = [0]
+    for _ in range(3):  # separate processes: the budget counts from the process's start
+        r = subprocess.run(
+            [sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == STATUS_EXIT["time budget reached"], r.stderr[-2000:]
+        summary = json.loads(summary_file.read_text())
+        assert summary["status"] == "time budget reached"
+        steps.append(summary["step"])
+    progress = [b - a for a, b in zip(steps, steps[1:])]
+    assert min(progress) >= 10 and min(progress) * 3 >= max(progress), steps
+    assert summary["wall_time_total"] >= 3 * 4, summary  # the total across restarts is recorded
 
 
 # --- a real Slurm cluster ---------------------------------------------------------------------
