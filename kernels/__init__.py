@@ -9,7 +9,9 @@ namespace. Both backends expose the same functions with the same signatures:
   it, h = x + r and y = rms_norm(h) (one pass on triton).
 - ``rope(x, token_positions, theta)``: rotate adjacent pairs of x (..., T, D).
 - ``rope_qk(q, k, token_positions, theta) -> (q, k)``: both of a layer's rotations (one launch on triton).
-- ``attention(q, k, v, causal=True)``: q, k, v (B, H, T, D).
+- ``attention(q, k, v, causal=True, deterministic=True)``: q, k, v (B, H, T, D). deterministic=False
+  lets the triton backward sum dQ with fp32 atomics (one pass, 5 matmul units instead of 7; dQ's
+  last bits vary run to run); the torch reference ignores it.
 - ``swiglu(gate, up)``: silu(gate) * up.
 - ``swiglu_packed(h)``: the same of h = [gate | up] (..., 2F), one gradient for h in the backward.
 - ``cross_entropy(logits (N, V), targets (N,), ignore_index=-100)`` -> mean.

@@ -285,10 +285,18 @@ def _dkdv_block(
     T,
     qk_scale,
     in_band,
+    dq_base,
+    stride_dqt,
+    sm_scale,
     DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    DQ_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One query block's share of a key block's dK and dV. Rows past T load as zeros (q, dO, lse,
-    delta), so they add nothing and need no mask; nor do keys past T, whose rows are never stored."""
+    delta), so they add nothing and need no mask; nor do keys past T, whose rows are never stored.
+    With ATOMIC_DQ, also this key block's share of the query block's dQ (dS @ K, the fifth matmul),
+    added into an fp32 buffer with atomics: summed in whatever order the programs arrive."""
     offs_m = start_m + offs_m0
     row_ok = offs_m < T
     q_mask = row_ok[:, None] & d_mask[None, :]
@@ -304,6 +312,17 @@ def _dkdv_block(
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        if DQ_T and BLOCK_D >= 64:
+            # dQ^T = K^T dS^T, (D, BLOCK_M): its rows are the head dim, so the key block's tiles
+            # (32 query rows, up to 128 keys) still give each Hopper warpgroup 64 distinct rows
+            # (at D = 32 the rows would be too few: dQ untransposed, on 64-row query blocks).
+            dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=DOT_PRECISION) * sm_scale
+            dq_ptrs = dq_base + offs_m[None, :] * stride_dqt + offs_d[:, None]
+            tl.atomic_add(dq_ptrs, dq_t, mask=tl.trans(q_mask), sem="relaxed")
+        else:  # mma.sync targets: the untransposed product keeps fewer registers live (sm_120)
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+            tl.atomic_add(_tile(dq_base, offs_m, stride_dqt, offs_d), dq, mask=q_mask, sem="relaxed")
     return dk, dv
 
 
@@ -317,6 +336,7 @@ def _attn_bwd_dkdv_kernel(
     DELTA,
     DK,
     DV,
+    DQ,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -335,6 +355,9 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb,
     stride_dvh,
     stride_dvt,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
     H,
     T,
     D: tl.constexpr,
@@ -345,6 +368,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr = False,
+    DQ_T: tl.constexpr = True,
 ):
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -359,6 +384,7 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     q_base = _head(Q, bh, H, stride_qb, stride_qh)
     do_base = _head(DO, bh, H, stride_dob, stride_doh)
+    dq_base = _head(DQ, bh, H, stride_dqb, stride_dqh)
     row_base = bh.to(tl.int64) * T
     # Causal: query blocks that end before this key block see none of it and are skipped; only
     # those overlapping its columns (the diagonal band, below band_hi) need the mask. The test is
@@ -386,7 +412,13 @@ def _attn_bwd_dkdv_kernel(
             T,
             qk_scale,
             start_m < band_hi,
+            dq_base,
+            stride_dqt,
+            sm_scale,
             DOT_PRECISION,
+            ATOMIC_DQ,
+            DQ_T,
+            BLOCK_D,
         )
     dk = dk * sm_scale
     tl.store(
@@ -572,6 +604,12 @@ _BWD_SHAPES = {
     ("mma", True, "dq"): [(64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3)],
     ("mma", False, "dkdv"): [(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 8, 3)],
     ("mma", False, "dq"): [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+    # The single-pass backward with dQ by atomics (deterministic=False) runs dK/dV tiles; on sm_120
+    # only 4-warp ones (8 warps on 32 query rows computed dQ's product 1.6x over).
+    ("sm90", True, "fused"): [(32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
+    ("sm90", False, "fused"): [(64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
+    ("mma", True, "fused"): [(32, 64, 4, 2), (32, 64, 4, 3)],
+    ("mma", False, "fused"): [(32, 64, 4, 2), (32, 64, 4, 3)],
 }
 ARCH_FAMILIES = ("sm90", "mma")
 
@@ -583,6 +621,13 @@ def arch_family(capability: tuple[int, int]) -> str:
 
 def _bwd_configs(large_d: bool = False, kernel: str = "dkdv", family: str = "sm90"):
     # dK/dV holds a key block and loops over query blocks: BLOCK_N the larger side; dQ the reverse.
+    # "fused" (dK/dV plus dQ by atomics) takes dQ transposed on Hopper (DQ_T), as it is untransposed
+    # on the mma.sync targets.
+    if kernel == "fused":
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "DQ_T": family == "sm90"}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in _BWD_SHAPES[(family, large_d, kernel)]
+        ]
     return _configs(_BWD_SHAPES[(family, large_d, kernel)])
 
 
@@ -625,6 +670,27 @@ _dkdv_tuned = {
     )(_attn_bwd_dkdv_kernel)
     for large in (False, True)
 }
+
+
+# The non-deterministic backward (dQ by atomics) runs the dK/dV tiles; its tuner zeroes the dQ
+# buffer before each timed config, since every run adds into it.
+def _fused_prune(large_d: bool):
+    def prune(configs, named_args, **kwargs):
+        keep = {(_shape(c), c.kwargs["DQ_T"]) for c in _bwd_configs(large_d, "fused", _device_family())}
+        return [c for c in configs if (_shape(c), c.kwargs["DQ_T"]) in keep]
+
+    return {"early_config_prune": prune}
+
+
+_fused_tuned = {
+    large: triton.autotune(
+        [c for fam in ARCH_FAMILIES for c in _bwd_configs(large, "fused", fam)],
+        key=_KEY,
+        prune_configs_by=_fused_prune(large),
+        reset_to_zero=["DQ"],
+    )(_attn_bwd_dkdv_kernel)
+    for large in (False, True)
+}
 _dq_tuned = {
     large: triton.autotune(
         _all_configs(_BWD_SHAPES, large, "dq"), key=_KEY, prune_configs_by=_prune(_BWD_SHAPES, large, "dq")
@@ -643,7 +709,12 @@ def _block_d(head_dim: int) -> int:
 
 def _tuners(head_dim: int):
     large = _block_d(head_dim) >= LARGE_D
-    return (("fwd", _fwd_tuned[large]), ("bwd_dkdv", _dkdv_tuned[large]), ("bwd_dq", _dq_tuned[large]))
+    return (
+        ("fwd", _fwd_tuned[large]),
+        ("bwd_dkdv", _dkdv_tuned[large]),
+        ("bwd_dq", _dq_tuned[large]),
+        ("bwd_fused", _fused_tuned[large]),
+    )
 
 
 def autotuned_configs(head_dim: int) -> dict[str, str]:
@@ -668,6 +739,7 @@ def autotune_timings(head_dim: int) -> dict[str, dict[str, float]]:
 # (Tests swap in unequal tiles, as the GPU configs use, to check the band and tail arithmetic.)
 _INTERP_FWD_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 _INTERP_BWD_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+_INTERP_DQ_T = True  # the non-deterministic backward's dQ product transposed (Hopper) or not
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -715,7 +787,14 @@ def attn_fwd(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return o, lse
 
 
-def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attn_bwd(
+    do, q, k, v, o, lse, causal: bool, deterministic: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV. deterministic (default): a dK/dV kernel by key block and a dQ kernel by query
+    block, 7 matmul units (scores and dP are computed in both), bit-identical every run.
+    deterministic=False: one pass over key blocks, 5 matmul units, dQ added into an fp32 buffer by
+    atomics (then cast): the order of those fp32 additions varies from run to run, so dQ's last bits
+    do too."""
     do = unit_last_stride(do)
     b, h, t, d = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -728,6 +807,8 @@ def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Ten
     )
     sm_scale = 1.0 / math.sqrt(d)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    # The dQ accumulator of the atomic pass (fp32, zeroed); the deterministic pass never touches it.
+    dq32 = torch.zeros((b, h, t, d), dtype=torch.float32, device=q.device) if not deterministic else dk
     dkdv_args = (
         q,
         k,
@@ -737,9 +818,11 @@ def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Ten
         delta,
         dk,
         dv,
+        dq32,
         *common,
         *_strides(dk),
         *_strides(dv),
+        *_strides(dq32),
         h,
         t,
         d,
@@ -747,22 +830,22 @@ def attn_bwd(do, q, k, v, o, lse, causal: bool) -> tuple[torch.Tensor, torch.Ten
         sm_scale,
     )
     dq_args = (q, k, v, do, lse, delta, dq, *common, *_strides(dq), h, t, d, sm_scale * LOG2E, sm_scale)
+    meta = dict(CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d)
     if interpreting():
         bm, bn = _INTERP_BWD_BLOCKS["BLOCK_M"], _INTERP_BWD_BLOCKS["BLOCK_N"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(t, bn), b * h)](
-            *dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS
+            *dkdv_args, **meta, **_INTERP_BWD_BLOCKS, ATOMIC_DQ=not deterministic, DQ_T=_INTERP_DQ_T
         )
-        _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](
-            *dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d, **_INTERP_BWD_BLOCKS
-        )
+        if deterministic:
+            _attn_bwd_dq_kernel[(triton.cdiv(t, bm), b * h)](*dq_args, **meta, **_INTERP_BWD_BLOCKS)
     else:
         large = block_d >= LARGE_D
-        _dkdv_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](
-            *dkdv_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d
-        )
-        _dq_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](
-            *dq_args, CAUSAL=causal, DOT_PRECISION=_precision(q), BLOCK_D=block_d
-        )
+        tuned = _dkdv_tuned if deterministic else _fused_tuned
+        tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_N"]), b * h)](*dkdv_args, **meta, ATOMIC_DQ=not deterministic)
+        if deterministic:
+            _dq_tuned[large][lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](*dq_args, **meta)
+    if not deterministic:
+        dq.copy_(dq32)
     return dq, dk, dv
 
 
@@ -786,12 +869,13 @@ def _attn_bwd_op(
     o: torch.Tensor,
     lse: torch.Tensor,
     causal: bool,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attn_bwd(do, q, k, v, o, lse, causal)
+    return attn_bwd(do, q, k, v, o, lse, causal, deterministic)
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal):
+def _(do, q, k, v, o, lse, causal, deterministic=True):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -816,22 +900,28 @@ _register_flops()
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal):
+    def forward(ctx, q, k, v, causal, deterministic=True):
         o, lse = _attn_fwd_op(q, k, v, causal)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
+        ctx.causal, ctx.deterministic = causal, deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, ctx.causal)
-        return dq, dk, dv, None
+        dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.deterministic)
+        return dq, dk, dv, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Flash attention: q, k, v (B, H, T, D) -> (B, H, T, D), O(T) memory."""
-    return FlashAttentionFunction.apply(q, k, v, causal)
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, deterministic: bool = True
+) -> torch.Tensor:
+    """Flash attention: q, k, v (B, H, T, D) -> (B, H, T, D), O(T) memory.
+
+    deterministic=True (default): the backward is bit-identical run to run (two kernels, 7 matmul
+    units). deterministic=False: one backward pass of 5 matmul units with dQ summed by fp32 atomics,
+    faster but with run-to-run differences in dQ's last bits (FlashAttention-2's scheme)."""
+    return FlashAttentionFunction.apply(q, k, v, causal, deterministic)
 
 
 def compile_cases() -> list[dict]:
@@ -840,7 +930,7 @@ def compile_cases() -> list[dict]:
     from kernels._utils import compile_case
 
     def ptrs(dtype, *names):
-        return {n: ("fp32" if n in ("LSE", "DELTA") else dtype) for n in names}
+        return {n: ("fp32" if n in ("LSE", "DELTA") or (n == "DQ" and "DK" in names) else dtype) for n in names}
 
     floats = {"qk_scale", "sm_scale"}
     fwd_floats = {"qk_scale"}
@@ -884,24 +974,29 @@ def compile_cases() -> list[dict]:
             )
         )
     bwd = {
-        "_attn_bwd_dkdv_kernel": ("dkdv", ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV")),
+        "_attn_bwd_dkdv_kernel": ("dkdv", ("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "DQ")),
         "_attn_bwd_dq_kernel": ("dq", ("Q", "K", "V", "DO", "LSE", "DELTA", "DQ")),
     }
     # Backward configs are per architecture family: Hopper's compiled for sm_90 only, the others'
     # for sm_120 only (``archs``), as the autotuners prune them on a device.
     for family, archs in (("sm90", (90,)), ("mma", (120,))):
         for d in (32, 64, 128):
-            for kernel, (which, names) in bwd.items():
+            # dK/dV twice: the deterministic pass and the one adding dQ by atomics (5 matmul units).
+            variants = [(k, which, names) for k, (which, names) in bwd.items()]
+            variants.append(("_attn_bwd_dkdv_kernel", "fused", bwd["_attn_bwd_dkdv_kernel"][1]))
+            for kernel, which, names in variants:
+                atomic = which == "fused"
+                extra = {"ATOMIC_DQ": atomic} if kernel == "_attn_bwd_dkdv_kernel" else {}
                 for cfg in _bwd_configs(d >= LARGE_D, which, family):
                     cases.append(
                         compile_case(
                             "attention",
                             kernel,
-                            {"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs},
+                            {"CAUSAL": True, "DOT_PRECISION": "tf32", "D": d, "BLOCK_D": d, **cfg.kwargs, **extra},
                             ptrs("bf16", *names),
                             warps=cfg.num_warps,
                             stages=cfg.num_stages,
-                            label=f"D={d} {cfg.kwargs}",
+                            label=f"D={d} {cfg.kwargs}" + (" atomic dQ" if atomic else ""),
                             floats=floats,
                             archs=archs,
                         )

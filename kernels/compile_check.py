@@ -119,14 +119,15 @@ def mma_usage(ttgir: str, ptx: str, num_warps: int) -> dict:
     needed = sum(int(m) * int(k) * int(n) for m, k, _, n in _DOT.findall(ttgir))
     wg = [(int(n), int(k)) for n, k in re.findall(r"wgmma\.mma_async\S*?\.m64n(\d+)k(\d+)", ptx)]
     ms = [(int(m), int(n), int(k)) for m, n, k in re.findall(r"\bmma\.sync\S*?\.m(\d+)n(\d+)k(\d+)", ptx)]
-    if wg:
-        kind, count, issued = "wgmma", len(wg), sum(64 * n * k for n, k in wg) * max(1, num_warps // 4)
-    elif ms:
-        kind, count, issued = "mma.sync", len(ms), sum(m * n * k for m, n, k in ms) * num_warps
-    else:
+    kinds = [name for name, found in (("wgmma", wg), ("mma.sync", ms)) if found]
+    if not kinds:
         return {"mma": "none", "mma_count": 0, "mma_min": 0, "mma_dup": 1.0}
+    # A dot Hopper cannot run as wgmma (fewer than 64 rows per warpgroup) falls back to mma.sync
+    # beside the others: the kind reads "wgmma+mma.sync" then.
+    issued = sum(64 * n * k for n, k in wg) * max(1, num_warps // 4) + sum(m * n * k for m, n, k in ms) * num_warps
+    count = len(wg) + len(ms)
     return {
-        "mma": kind,
+        "mma": "+".join(kinds),
         "mma_count": count,
         "mma_min": round(count * needed / issued) if issued else 0,
         "mma_dup": round(issued / needed, 3) if needed else 1.0,

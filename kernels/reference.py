@@ -83,8 +83,11 @@ def rope(x: torch.Tensor, token_positions: torch.Tensor, theta: float) -> torch.
     return out.flatten(-2).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """q, k, v: (B, H, T, D) -> (B, H, T, D). Materialises the (T x T) scores: the baseline."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, deterministic: bool = True
+) -> torch.Tensor:
+    """q, k, v: (B, H, T, D) -> (B, H, T, D). Materialises the (T x T) scores: the baseline.
+    ``deterministic`` is accepted for the triton backend's signature and ignored."""
     t_q, t_k = q.shape[-2], k.shape[-2]
     mask = None
     if causal:

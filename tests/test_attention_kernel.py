@@ -172,3 +172,41 @@ def test_autotune_records_name_tiles_and_timings(monkeypatch):
     assert attn.autotuned_configs(64)["fwd"] == "128x64 w8 s3"
     assert attn.autotune_timings(64)["fwd"] == {"128x64 w8 s3": 0.5, "128x64 w4 s2": float("inf")}
     assert "fwd" not in attn.autotune_timings(128)  # head dim 128 has its own tuners
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("t,d", [(45, 32), (70, 64), (37, 128)])
+def test_nondeterministic_backward_matches_reference(t, d, causal):
+    # deterministic=False: one pass over key blocks, dQ added by fp32 atomics (5 matmul units).
+    q, k, v = (torch.randn(1, 2, t, d, device=DEV) for _ in range(3))
+    check_op_against_reference(
+        lambda q, k, v: triton_ops.attention(q, k, v, causal=causal, deterministic=False),
+        lambda q, k, v: reference.attention(q, k, v, causal=causal),
+        [q, k, v],
+    )
+
+
+@pytest.mark.skipif(GPU, reason="sets the interpreter's tiles; on a GPU the autotuner's configs run")
+@pytest.mark.parametrize("dq_t", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_nondeterministic_backward_with_gpu_shaped_tiles(monkeypatch, dq_t, causal):
+    # The fused configs' shapes (BLOCK_M < BLOCK_N, as 32x128 and 32x64), dQ transposed (Hopper) or
+    # not (sm_120), T cutting through blocks of both sizes.
+    from kernels import attention as attn
+
+    monkeypatch.setattr(attn, "_INTERP_BWD_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 32})
+    monkeypatch.setattr(attn, "_INTERP_DQ_T", dq_t)
+    q, k, v = (torch.randn(1, 2, 77, 16, device=DEV) for _ in range(3))
+    check_op_against_reference(
+        lambda q, k, v: triton_ops.attention(q, k, v, causal=causal, deterministic=False),
+        lambda q, k, v: reference.attention(q, k, v, causal=causal),
+        [q, k, v],
+    )
+
+
+def test_deterministic_flag_is_accepted_by_both_backends():
+    q = torch.randn(1, 1, 9, 16, device=DEV)
+    ref = reference.attention(q, q, q)
+    assert torch.equal(reference.attention(q, q, q, causal=True, deterministic=False), ref)
+    torch.testing.assert_close(get_ops("torch").attention(q, q, q, deterministic=False), ref)
+    torch.testing.assert_close(triton_ops.attention(q, q, q, deterministic=False), ref, atol=1e-5, rtol=1e-5)
