@@ -377,3 +377,51 @@ def test_bad_special_tokens_refused(tmp_path, bad, msg):
     for s in bad:
         args += ["--special-token", s]
     assert cli_main(args) == 1
+
+
+def _long_strings(seed: int = 0) -> list[str]:
+    """Whitespace-free strings whose pretokens run to thousands of bytes (where BPE was quadratic)."""
+    import string
+
+    rng = random.Random(seed)
+    alphabets = [string.ascii_letters, "ab", "a", string.digits, string.punctuation, "éüßж中文", "🙃👍"]
+    return ["".join(rng.choice(a) for _ in range(n)) for n in (40, 300, 5000) for a in alphabets] + [
+        "".join(rng.choice(string.ascii_letters + string.digits + "+/=") for _ in range(60_000))  # base64-like
+    ]
+
+
+def test_long_whitespace_free_strings_match_tiktoken(gpt2, tiktoken_gpt2):
+    for text in _long_strings():
+        assert gpt2.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all"), text[:40]
+
+
+def test_long_heap_merge_equals_rescanning_loop(gpt2):
+    for text in _long_strings(2)[:14]:  # up to 300 characters: the oracle is quadratic
+        ids = [gpt2._byte_ids[x] for x in text.encode()]
+        slow = list(ids)
+        while len(slow) > 1:
+            cands = [(gpt2._ranks[p], i) for i, p in enumerate(zip(slow, slow[1:])) if p in gpt2._ranks]
+            if not cands:
+                break
+            (_, ab), i = min(cands, key=lambda c: (c[0][0], c[1]))
+            slow[i : i + 2] = [ab]
+        assert gpt2._merge_long(list(ids)) == slow
+
+
+def test_encode_iterable_random_cuts_of_long_strings(gpt2):
+    rng = random.Random(3)
+    text = "x" * 3000 + " " + "".join(_long_strings(4)[14:18]) + f"{EOT}ab'll" + "9" * 2000
+    want = gpt2.encode(text)
+    for _ in range(4):
+        cuts = sorted(rng.sample(range(1, len(text)), 40))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        assert list(gpt2.encode_iterable(pieces)) == want
+    assert list(gpt2.encode_iterable(iter(text))) == want  # one character at a time
+
+
+def test_lone_surrogates_replaced_like_tiktoken(gpt2, tiktoken_gpt2):
+    texts = ["a\ud800b", "\udfff", "x \ud83d\ude00 y", "end\ud83d", "\ud83d" * 3 + "z"]
+    for text in texts:
+        assert gpt2.encode(text) == tiktoken_gpt2.encode(text), ascii(text)
+    pieces = ["x \ud83d", "\ude00 y\ud800", "", "q"]
+    assert list(gpt2.encode_iterable(pieces)) == gpt2.encode("".join(pieces))

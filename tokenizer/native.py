@@ -65,7 +65,8 @@ def build(cache_dir: Path | None = None) -> Path:
     """Compile the core (if not cached) and return the path of the shared library."""
     cache = Path(cache_dir or os.environ.get("FASTLM_CACHE") or Path.home() / ".cache" / "fastlm")
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + sys.version.encode()).hexdigest()[:12]
+    flags = ["-O3", "-DNDEBUG", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+    tag = hashlib.sha256(src + sys.version.encode() + " ".join(flags).encode()).hexdigest()[:12]
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     out = cache / f"{NAME}-{tag}{suffix}"
     if out.exists():
@@ -81,11 +82,7 @@ def build(cache_dir: Path | None = None) -> Path:
         tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
         cmd = [
             cxx,
-            "-O3",
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            "-fvisibility=hidden",
+            *flags,
             f"-DTORCH_EXTENSION_NAME={NAME}",
             f"-I{sysconfig.get_paths()['include']}",
             f"-I{_pybind11_include()}",

@@ -9,9 +9,12 @@ load as they are.
 
 from __future__ import annotations
 
+import array
 import hashlib
+import heapq
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -100,7 +103,9 @@ class Tokenizer:
         raw = piece.encode("utf-8")
         byte_ids = self._byte_ids
         ids = [byte_ids[x] for x in raw]
-        if len(ids) > 1:
+        if len(ids) > _SHORT_PIECE:
+            ids = self._merge_long(ids)
+        elif len(ids) > 1:
             ranks = self._ranks
             while len(ids) > 1:
                 best = None
@@ -111,19 +116,51 @@ class Tokenizer:
                         best, best_i = r, i
                 if best is None:
                     break
-                pair = (ids[best_i], ids[best_i + 1])
-                out, i = [], 0
-                while i < len(ids):
-                    if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-                        out.append(best[1])
-                        i += 2
-                    else:
-                        out.append(ids[i])
-                        i += 1
-                ids = out
-        if len(self._cache) < 1_000_000:
+                ids[best_i : best_i + 2] = [best[1]]  # the leftmost lowest-rank pair, one at a time
+        if len(self._cache) < 1_000_000 and len(piece) <= 256:
             self._cache[piece] = ids
         return ids
+
+    def _merge_long(self, ids: list[int]) -> list[int]:
+        """BPE on a long piece in O(n log n): a linked list of symbols and a heap of candidate merges
+        keyed (rank, position), so the lowest-rank pair, leftmost among equals, merges first, as in
+        the rescanning loop. Entries whose symbols changed after they were pushed are skipped."""
+        ranks = self._ranks
+        n = len(ids)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            r = ranks.get((ids[i], ids[i + 1]))
+            if r is not None:
+                heap.append((r[0], i, ids[i], ids[i + 1], r[1]))
+        heapq.heapify(heap)
+        dead = bytearray(n)
+        while heap:
+            _, i, a, b, ab = heapq.heappop(heap)
+            j = nxt[i]
+            if dead[i] or j < 0 or ids[i] != a or ids[j] != b:
+                continue
+            ids[i] = ab
+            dead[j] = 1
+            k = nxt[i] = nxt[j]
+            if k >= 0:
+                prv[k] = i
+                r = ranks.get((ab, ids[k]))
+                if r is not None:
+                    heapq.heappush(heap, (r[0], i, ab, ids[k], r[1]))
+            h = prv[i]
+            if h >= 0:
+                r = ranks.get((ids[h], ab))
+                if r is not None:
+                    heapq.heappush(heap, (r[0], h, ids[h], ab, r[1]))
+        out = []
+        i = 0
+        while i >= 0:
+            out.append(ids[i])
+            i = nxt[i]
+        return out
 
     def _native_encoder(self):
         if not self._encoder_tried:
@@ -139,14 +176,21 @@ class Tokenizer:
     def _encode_plain(self, text: str, out: list[int]) -> None:
         enc = self._native_encoder()
         if enc is not None:
-            out.extend(enc.encode(text.encode("utf-8")))
+            out.extend(_ids(enc.encode(text.encode("utf-8"))))
             return
         bpe = self._bpe
         for piece in PRETOKEN_RE.findall(text):
             out.extend(bpe(piece))
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``; special tokens are never split (longest match first)."""
+        """Ids of ``text``; special tokens are never split (longest match first). Lone surrogates
+        become U+FFFD (see ``replace_lone_surrogates``)."""
+        try:
+            return self._encode(text)
+        except UnicodeEncodeError:
+            return self._encode(replace_lone_surrogates(text))
+
+    def _encode(self, text: str) -> list[int]:
         out: list[int] = []
         for i, part in enumerate(split_on_specials(text, self._splitter)):
             if i % 2:
@@ -180,11 +224,25 @@ class Tokenizer:
         """
         buf = ""
         bpe = self._bpe
+        pending: list[str] = []
+        pending_len = 0
         for piece in iterable:
             if not piece:
                 continue
-            buf += piece
-            p = self._partial_special_start(buf)
+            # The held text is matched again with each new piece; waiting until as much new text
+            # has come as is held keeps that linear when one pretoken runs over many pieces.
+            pending.append(piece)
+            pending_len += len(piece)
+            if pending_len < len(buf):
+                continue
+            buf += "".join(pending)
+            pending, pending_len = [], 0
+            hold = ""
+            if _SURROGATE.search(buf):
+                # A high surrogate at the very end may pair with the next piece's first character.
+                hold = buf[-1] if "\ud800" <= buf[-1] <= "\udbff" else ""
+                buf = replace_lone_surrogates(buf[: len(buf) - len(hold)]) + hold
+            p = min(self._partial_special_start(buf), len(buf) - len(hold))
             parts = split_on_specials(buf[:p], self._splitter)
             for i, part in enumerate(parts[:-1]):
                 if i % 2:
@@ -197,7 +255,7 @@ class Tokenizer:
             if enc is not None:
                 raw = tail.encode("utf-8")
                 ids, consumed = enc.encode_holding(raw, keep)
-                yield from ids
+                yield from _ids(ids)
                 buf = raw[consumed:].decode("utf-8") + buf[p:]
                 continue
             # Matched over the whole tail: a match must see its real next character, not an end.
@@ -210,6 +268,7 @@ class Tokenizer:
                 yield from bpe(piece)
                 done += len(piece)
             buf = buf[p - len(tail) + done :]
+        buf += "".join(pending)
         if buf:
             yield from self.encode(buf)
 
@@ -286,6 +345,24 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+
+def _ids(raw: bytes) -> list[int]:
+    """The compiled core's ids (native uint32 bytes) as a list of ints."""
+    a = array.array("I")
+    a.frombytes(raw)
+    return a.tolist()
+
+
+_SHORT_PIECE = 32  # longer pieces take the heap: rescanning costs more than it saves past this
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (a code point UTF-8 cannot hold) replaced by U+FFFD and each
+    high-low surrogate pair joined into its character: tiktoken's rule, so ids stay equal to its."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _atomic_write(path: Path, text: str) -> None:

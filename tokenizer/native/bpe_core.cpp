@@ -25,6 +25,34 @@ namespace py = pybind11;
 
 namespace {
 
+// Python objects are made with the C API and checked: a failed allocation raises the pending
+// Python error (MemoryError) through error_already_set. pybind11's own casters would instead
+// throw with the error still pending (an assertion or a TypeError about "return value").
+py::object new_bytes(const char* data, size_t n) {
+  PyObject* o = PyBytes_FromStringAndSize(data, Py_ssize_t(n));
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(o);
+}
+
+// Ids leave as one bytes object of native uint32 (array('I') reads it), not a list of ints.
+py::object ids_bytes(const std::vector<uint32_t>& ids) {
+  return new_bytes(reinterpret_cast<const char*>(ids.data()), ids.size() * sizeof(uint32_t));
+}
+
+py::object new_int(int64_t v) {
+  PyObject* o = PyLong_FromLongLong(v);
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(o);
+}
+
+py::object pair_of(py::object a, py::object b) {
+  PyObject* t = PyTuple_New(2);
+  if (!t) throw py::error_already_set();
+  PyTuple_SET_ITEM(t, 0, a.release().ptr());
+  PyTuple_SET_ITEM(t, 1, b.release().ptr());
+  return py::reinterpret_steal<py::object>(t);
+}
+
 enum : uint8_t { OTHER = 0, LETTER = 1, NUMBER = 2, SPACE = 3 };
 std::vector<uint8_t> g_class;  // one entry per code point, set once by set_char_classes
 
@@ -100,7 +128,7 @@ using Counts = std::unordered_map<std::string, int64_t>;
 
 // --- training: counting ------------------------------------------------------------------------
 
-py::dict count_pretokens(py::bytes text) {
+py::object count_pretokens(py::bytes text) {
   std::string_view sv = text;
   Counts counts;
   {
@@ -108,8 +136,13 @@ py::dict count_pretokens(py::bytes text) {
     const auto* s = reinterpret_cast<const unsigned char*>(sv.data());
     pretokenize(s, sv.size(), [&](size_t a, size_t b) { counts[std::string(sv.substr(a, b - a))] += 1; });
   }
-  py::dict out;
-  for (auto& [k, v] : counts) out[py::bytes(k)] = v;
+  PyObject* d = PyDict_New();
+  if (!d) throw py::error_already_set();
+  py::object out = py::reinterpret_steal<py::object>(d);
+  for (auto& [k, v] : counts) {
+    py::object kb = new_bytes(k.data(), k.size()), vi = new_int(v);
+    if (PyDict_SetItem(d, kb.ptr(), vi.ptr()) < 0) throw py::error_already_set();
+  }
   return out;
 }
 
@@ -122,7 +155,7 @@ struct Entry {
   uint32_t a, b;
 };
 
-py::list merge(const std::vector<std::string>& pretokens, const std::vector<int64_t>& freqs, int num_merges) {
+py::object merge(const std::vector<std::string>& pretokens, const std::vector<int64_t>& freqs, int num_merges) {
   std::vector<std::string> vocab(256);
   for (int i = 0; i < 256; ++i) vocab[i] = std::string(1, char(i));
   std::vector<std::pair<std::string, std::string>> merges;
@@ -212,8 +245,14 @@ py::list merge(const std::vector<std::string>& pretokens, const std::vector<int6
       }
     }
   }
-  py::list out;
-  for (auto& [a, b] : merges) out.append(py::make_tuple(py::bytes(a), py::bytes(b)));
+  PyObject* l = PyList_New(Py_ssize_t(merges.size()));
+  if (!l) throw py::error_already_set();
+  py::object out = py::reinterpret_steal<py::object>(l);
+  for (size_t i = 0; i < merges.size(); ++i) {
+    py::object t = pair_of(new_bytes(merges[i].first.data(), merges[i].first.size()),
+                           new_bytes(merges[i].second.data(), merges[i].second.size()));
+    PyList_SET_ITEM(l, Py_ssize_t(i), t.release().ptr());
+  }
   return out;
 }
 
@@ -232,7 +271,7 @@ class Encoder {
     }
   }
 
-  std::vector<uint32_t> encode(py::bytes text) {
+  py::object encode(py::bytes text) {
     std::string_view sv = text;
     std::vector<uint32_t> out;
     {
@@ -241,13 +280,13 @@ class Encoder {
       const auto* s = reinterpret_cast<const unsigned char*>(sv.data());
       pretokenize(s, sv.size(), [&](size_t a, size_t b) { encode_piece(sv.substr(a, b - a), out); });
     }
-    return out;
+    return ids_bytes(out);
   }
 
   // Encode all pretokens of `text` but the last `keep` (which more text could still change);
   // returns the ids and how many bytes they cover. Matching runs over the whole text, so each
   // emitted pretoken saw its real next character.
-  std::pair<std::vector<uint32_t>, size_t> encode_holding(py::bytes text, int keep) {
+  py::object encode_holding(py::bytes text, int keep) {
     std::string_view sv = text;
     std::vector<uint32_t> out;
     size_t consumed = 0;
@@ -259,43 +298,97 @@ class Encoder {
       for (size_t i = 0; i < emit; ++i) encode_piece(sv.substr(spans[i].first, spans[i].second - spans[i].first), out);
       consumed = emit ? spans[emit - 1].second : 0;
     }
-    return {out, consumed};
+    return pair_of(ids_bytes(out), new_int(int64_t(consumed)));
   }
 
   size_t cache_size() const { return cache_.size(); }
 
  private:
   void encode_piece(std::string_view piece, std::vector<uint32_t>& out) {
-    auto hit = cache_.find(std::string(piece));
-    if (hit != cache_.end()) {
-      out.insert(out.end(), hit->second.begin(), hit->second.end());
-      return;
+    bool cacheable = piece.size() <= kMaxCachedPiece;
+    if (cacheable) {
+      auto hit = cache_.find(std::string(piece));
+      if (hit != cache_.end()) {
+        out.insert(out.end(), hit->second.begin(), hit->second.end());
+        return;
+      }
     }
     std::vector<uint32_t> ids(piece.size());
     for (size_t i = 0; i < piece.size(); ++i) ids[i] = byte_ids_[(unsigned char)piece[i]];
-    while (ids.size() > 1) {
+    if (ids.size() <= kShortPiece) merge_short(ids);
+    else merge_long(ids);
+    out.insert(out.end(), ids.begin(), ids.end());
+    if (cacheable && cache_.size() < (1u << 21)) cache_.emplace(std::string(piece), std::move(ids));
+  }
+
+  // Short pieces (nearly all of natural text): rescan for the lowest-rank pair, merge it in place.
+  // Quadratic, but on a handful of ids it beats any heap.
+  void merge_short(std::vector<uint32_t>& ids) const {
+    size_t n = ids.size();
+    while (n > 1) {
       uint32_t best_rank = UINT32_MAX, best_id = 0;
       size_t best_i = 0;
-      for (size_t i = 0; i + 1 < ids.size(); ++i) {
+      for (size_t i = 0; i + 1 < n; ++i) {
         auto r = ranks_.find(key(ids[i], ids[i + 1]));
         if (r != ranks_.end() && r->second.first < best_rank) {
           best_rank = r->second.first; best_id = r->second.second; best_i = i;
         }
       }
       if (best_rank == UINT32_MAX) break;
-      uint32_t a = ids[best_i], b = ids[best_i + 1];
-      std::vector<uint32_t> next;
-      next.reserve(ids.size());
-      for (size_t i = 0; i < ids.size();) {
-        if (i + 1 < ids.size() && ids[i] == a && ids[i + 1] == b) { next.push_back(best_id); i += 2; }
-        else { next.push_back(ids[i]); i += 1; }
-      }
-      ids.swap(next);
+      ids[best_i] = best_id;  // merge only the leftmost occurrence: tiktoken's order, one at a time
+      std::memmove(&ids[best_i + 1], &ids[best_i + 2], (n - best_i - 2) * sizeof(uint32_t));
+      --n;
     }
-    out.insert(out.end(), ids.begin(), ids.end());
-    if (cache_.size() < (1u << 21)) cache_.emplace(std::string(piece), std::move(ids));
+    ids.resize(n);
   }
 
+  // Long pieces: O(n log n). A doubly linked list of symbols and a min-heap of candidate merges
+  // keyed (rank, position of the left symbol): popping it merges the lowest-rank pair, leftmost
+  // among equal ranks, exactly the order of the rescanning loop. Entries whose symbols changed
+  // since they were pushed are skipped when popped (each merge pushes at most two).
+  void merge_long(std::vector<uint32_t>& ids) const {
+    const size_t n = ids.size();
+    constexpr uint32_t NONE = UINT32_MAX;
+    std::vector<uint32_t> next(n), prev(n);
+    for (size_t i = 0; i < n; ++i) { next[i] = i + 1 < n ? uint32_t(i + 1) : NONE; prev[i] = i ? uint32_t(i - 1) : NONE; }
+    struct Cand { uint32_t rank, pos, a, b; };
+    auto later = [](const Cand& x, const Cand& y) { return x.rank != y.rank ? x.rank > y.rank : x.pos > y.pos; };
+    std::vector<Cand> heap;
+    heap.reserve(n);
+    auto push = [&](uint32_t i) {
+      uint32_t j = next[i];
+      if (j == NONE) return;
+      auto r = ranks_.find(key(ids[i], ids[j]));
+      if (r == ranks_.end()) return;
+      heap.push_back({r->second.first, i, ids[i], ids[j]});
+      std::push_heap(heap.begin(), heap.end(), later);
+    };
+    for (uint32_t i = 0; i + 1 < n; ++i) {
+      auto r = ranks_.find(key(ids[i], ids[i + 1]));
+      if (r != ranks_.end()) heap.push_back({r->second.first, i, ids[i], ids[i + 1]});
+    }
+    std::make_heap(heap.begin(), heap.end(), later);
+    std::vector<char> dead(n, 0);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), later);
+      Cand c = heap.back();
+      heap.pop_back();
+      uint32_t i = c.pos, j = next[i];
+      if (dead[i] || j == NONE || ids[i] != c.a || ids[j] != c.b) continue;  // stale
+      ids[i] = ranks_.find(key(c.a, c.b))->second.second;
+      dead[j] = 1;
+      next[i] = next[j];
+      if (next[j] != NONE) prev[next[j]] = i;
+      if (prev[i] != NONE) push(prev[i]);
+      push(i);
+    }
+    size_t w = 0;
+    for (uint32_t i = 0; i != NONE; i = next[i]) ids[w++] = ids[i];
+    ids.resize(w);
+  }
+
+  static constexpr size_t kShortPiece = 48;
+  static constexpr size_t kMaxCachedPiece = 256;
   std::vector<uint32_t> byte_ids_;
   std::unordered_map<uint64_t, std::pair<uint32_t, uint32_t>> ranks_;
   std::unordered_map<std::string, std::vector<uint32_t>> cache_;
