@@ -31,6 +31,29 @@ def num_programs_hint(device: torch.device) -> int:
     return 8
 
 
+def blocks_per_sm(
+    regs_per_thread: int,
+    shared_bytes: int,
+    num_warps: int,
+    regs_per_sm: int = 65536,
+    shared_per_sm: int = 233_472,
+    max_warps: int = 64,
+    max_blocks: int = 32,
+) -> int:
+    """Resident blocks per SM of a compiled kernel (CUDA's occupancy rule, Hopper's limits by
+    default): registers are allocated per warp in units of 256 (8 per thread), shared memory per
+    block, at most 64 warps and 32 blocks an SM. 163 registers x 4 warps: 168 x 32 = 5376 per warp,
+    12 warps fit 65,536, so 3 blocks."""
+    per_warp = -(-max(regs_per_thread, 1) * 32 // 256) * 256
+    by_regs = (regs_per_sm // per_warp) // num_warps
+    by_shared = shared_per_sm // shared_bytes if shared_bytes else max_blocks
+    return max(1, min(by_regs, by_shared, max_warps // num_warps, max_blocks))
+
+
+def sm_count(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     """x itself when its last dim is unit-stride (what the kernels index), else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

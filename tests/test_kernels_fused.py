@@ -59,6 +59,33 @@ def test_rms_norm_dweight_is_deterministic():
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
+def test_rms_norm_dweight_reduced_in_kernel_by_the_last_program():
+    # dweight comes out of the backward kernel itself (the last program to take the ticket sums the
+    # partial rows in program order and casts), and the ticket is left at zero for the next call.
+    from kernels import rms_norm as rn
+
+    x, w, dy = randn(301, 77), randn(77), randn(301, 77)
+    _, rstd = rn.rmsnorm_fwd(x, w, 1e-5, None)
+    dx, dw, _ = rn.rmsnorm_bwd(dy, x, w, rstd)
+    x_hat = x.double() * rstd.double()[:, None]
+    assert dw.dtype == w.dtype and max_err(dw, (dy.double() * x_hat).sum(0)) < 1e-4
+    assert rn._ticket(x.device).item() == 0
+    rn.rmsnorm_bwd(dy, x, w, rstd)
+    assert rn._ticket(x.device).item() == 0
+
+
+def test_rms_norm_backward_grid_is_one_wave_of_resident_blocks():
+    # The occupancy rule the backward's grid is sized by (TinyStories' width compiled to 163
+    # registers at 4 warps: 3 blocks an SM, where 4 x SMs programs ran 1.33 waves).
+    from kernels._utils import blocks_per_sm
+
+    assert blocks_per_sm(163, 0, 4) == 3
+    assert blocks_per_sm(32, 0, 4) == 16  # 64 warps an SM at most
+    assert blocks_per_sm(32, 0, 1) == 32  # 32 blocks an SM at most
+    assert blocks_per_sm(64, 100_000, 4) == 2  # shared memory the limit
+    assert blocks_per_sm(255, 0, 16) == 1
+
+
 def test_rms_norm_rejects_too_wide_rows():
     with pytest.raises(ValueError, match="65536"):
         triton_ops.rms_norm(randn(1, 65537), randn(65537), 1e-5)
