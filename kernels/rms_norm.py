@@ -253,7 +253,13 @@ def _bwd_programs(device: torch.device, make_args, meta: dict) -> int:
     if key not in _programs:
         k = _rmsnorm_bwd_kernel.warmup(*make_args(), grid=(1,), **meta)
         k._init_handles()
-        per_sm = blocks_per_sm(k.n_regs, k.metadata.shared, meta["num_warps"])
+        props = torch.cuda.get_device_properties(device)  # the SM's limits where torch reports them
+        limits = {
+            "regs_per_sm": getattr(props, "regs_per_multiprocessor", 65536),
+            "shared_per_sm": getattr(props, "shared_memory_per_multiprocessor", 233_472),
+            "max_warps": getattr(props, "max_threads_per_multi_processor", 2048) // 32,
+        }
+        per_sm = blocks_per_sm(k.n_regs, k.metadata.shared, meta["num_warps"], **limits)
         _programs[key] = per_sm * sm_count(device)
     return _programs[key]
 
