@@ -121,7 +121,9 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    # Causal: the last query blocks visit the most key blocks; they are launched first (program
+    # ids run in launch order) so the short ones fill the tail instead of idling SMs behind a long one.
+    start_m = tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     bh = tl.program_id(1)
     k_base = _head(K, bh, H, stride_kb, stride_kh)
     v_base = _head(V, bh, H, stride_vb, stride_vh)
@@ -511,7 +513,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    start_m = tl.cdiv(T, BLOCK_M) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)  # heaviest first
     bh = tl.program_id(1)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)

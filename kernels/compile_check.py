@@ -1,7 +1,11 @@
 """``python -m kernels.compile_check``: compile every Triton kernel, in the configurations the
 launchers and autotuners use, for Hopper (sm_90) and the RTX 5090 (sm_120), on a machine without a
 GPU (Triton ships ptxas), and check each one's shared memory against the device's per-block limit.
-Registers and spilled bytes per thread are printed beside it.
+Registers and spilled bytes per thread are printed beside it, and what the compiled code runs:
+widest global load/store, cp.async copies, pipeline depth (buffers of the deepest multi-buffered
+tile), TMA bulk copies, wgmma waits with nothing left in flight ("waits0": the MMA does not overlap
+what follows), and the MMA kind (wgmma / mma.sync) with its instruction count against the minimum
+for the tile (more means a product some warps compute twice). ``--kernel NAME`` compiles a subset.
 
 This catches what the CPU interpreter cannot: lowering errors, configs that would not fit one of
 the two architectures the kernels promise to run on, and tiles too large for the register file.
@@ -190,6 +194,8 @@ def compile_one(case: dict, arch: int) -> dict:
             async_copies=len(re.findall(r"async_copy_global_to_local", k.asm["ttgir"])),
             pipeline_depth=pipeline_depth(k.asm["ttgir"]),
             tma=tma_loads(k.asm["ptx"]),
+            # wgmma results waited for at once (nothing left in flight): no MMA/softmax overlap there
+            full_waits=len(re.findall(r"warp_group_dot_wait .*\{pendings = 0", k.asm["ttgir"])),
             **mma_usage(k.asm["ttgir"], k.asm["ptx"], case["num_warps"]),
         )
     except Exception as e:  # a lowering or ptxas failure is the finding
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             regs = f"{r['registers']:4d} regs {r['spill_bytes']:5d} B spilled" if "registers" in r else ""
             if "load_bits" in r:
                 regs += f" {r['load_bits']:3d}/{r['store_bits']:3d}-bit ld/st {r['async_copies']:2d} async"
-                regs += f" depth {r['pipeline_depth']} tma {r['tma']:2d}"
+                regs += f" depth {r['pipeline_depth']} tma {r['tma']:2d} waits0 {r['full_waits']:2d}"
                 if r["mma"] != "none":
                     regs += f" {r['mma']} {r['mma_count']:3d} (min {r['mma_min']:3d})"
             print(
