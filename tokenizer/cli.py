@@ -34,7 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     own, child = _peak_rss_mb()
     specials = {s.encode() for s in args.special_token}
     longest = sorted((b for b in vocab.values() if b not in specials), key=len, reverse=True)[:5]
-    meta = {
+    meta = json.loads((out / "meta.json").read_text())  # save's checks (files, counts), then the run's facts
+    meta |= {
         "input": str(Path(args.input).resolve()),
         "vocab_size": len(vocab),
         "merges": len(merges),
@@ -44,7 +45,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         "peak_rss_mb_main": round(own, 1),
         "peak_rss_mb_largest_worker": round(child, 1),
         "longest_tokens": [b.decode("utf-8", errors="replace") for b in longest],
-        "hash": tok.fingerprint(),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     print(f"trained {len(vocab)} tokens ({len(merges)} merges) in {seconds:.2f} s -> {out}")
@@ -54,9 +54,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from tokenizer.encode import encode_file
+    from tokenizer.encode import Interrupted, encode_file
 
-    meta = encode_file(args.tokenizer, args.input, args.out, args.workers, progress=not args.quiet)
+    try:
+        meta = encode_file(args.tokenizer, args.input, args.out, args.workers, progress=not args.quiet)
+    except Interrupted as e:
+        print(f"error: encode {e}: workers stopped, nothing written to {args.out}", file=sys.stderr)
+        return 128 + e.signum
     own, child = _peak_rss_mb()
     print(
         f"{meta['tokens']:,} tokens ({meta['dtype']}) from {meta['bytes'] / 1e6:.1f} MB in {meta['seconds']:.2f} s "

@@ -9,9 +9,12 @@ sidecar ``<out>.json`` with dtype, token count, bytes, tokenizer hash and source
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +28,58 @@ CHUNK_BYTES = 4 * 2**20
 _worker_tok: Tokenizer | None = None
 
 
-def _init_worker(tok_dir: str) -> None:
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived during ``encode_file``: its workers were stopped, its temp file removed."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def _signals_noted(received: list[int]):
+    """While inside, SIGTERM and SIGINT are appended to ``received`` (main thread only) for the
+    encode loop to act on between pieces: raising from the handler itself could land in code that
+    swallows exceptions (an at-fork hook, a finalizer) and the encode would go on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _ordered_results(jobs: list, pool, received: list[int]):
+    """Each job's ids in order, from ``pool`` (or here), raising ``Interrupted`` once a signal is noted."""
+    if pool is None:
+        for job in jobs:
+            if received:
+                raise Interrupted(received[0])
+            yield _encode_piece(job)
+        return
+    it = pool.imap(_encode_piece, jobs)
+    for _ in jobs:
+        while True:
+            if received:
+                raise Interrupted(received[0])
+            try:
+                yield it.next(timeout=0.1)
+                break
+            except multiprocessing.TimeoutError:
+                continue
+
+
+def _init_worker(tok_dir: str, in_pool: bool = False) -> None:
     global _worker_tok
+    if in_pool:  # the parent stops the workers; a Ctrl-C to the whole group must not print tracebacks
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_tok = Tokenizer.load(tok_dir)
 
 
@@ -64,25 +117,27 @@ def encode_file(
     n_tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(total=bounds[-1], unit="B", unit_scale=True, desc="encode", disable=not progress)
+    pool = None
+    received: list[int] = []
     try:
-        with open(tmp, "wb") as out:
+        with _signals_noted(received), open(tmp, "wb") as out:
             if workers == 1:
                 _init_worker(str(tokenizer_dir))
-                results = map(_encode_piece, jobs)
-                pool = None
             else:
-                pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_dir),))
-                results = pool.map(_encode_piece, jobs)
-            try:
-                for job, ids in zip(jobs, results):
-                    ids.tofile(out)
-                    n_tokens += len(ids)
-                    bar.update(job[2] - job[1])
-            finally:
-                if pool is not None:
-                    pool.shutdown(cancel_futures=True)
+                pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), True))
+            for job, ids in zip(jobs, _ordered_results(jobs, pool, received)):
+                ids.tofile(out)
+                n_tokens += len(ids)
+                bar.update(job[2] - job[1])
+            if pool is not None:
+                pool.close()
+                pool.join()
+                pool = None
         os.replace(tmp, out_path)
     except BaseException:
+        if pool is not None:
+            pool.terminate()  # SIGTERM to every worker, then waits for them
+            pool.join()
         tmp.unlink(missing_ok=True)
         raise
     finally:

@@ -3,8 +3,9 @@
 Serialization (one format, GPT-2's): a directory with ``vocab.json`` ({token: id}, tokens written
 through GPT-2's byte-to-unicode map so every byte string is printable and space-free),
 ``merges.txt`` (one merge per line, ``a b`` in the same map, in merge order) and
-``special_tokens.json`` (the list of special tokens). GPT-2's own ``vocab.json`` / ``merges.txt``
-load as they are.
+``special_tokens.json`` (the list of special tokens), plus ``meta.json`` with each file's size and
+sha256 and the counts, checked on loading. GPT-2's own ``vocab.json`` / ``merges.txt`` (no
+meta.json) load as they are.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def _from_printable(s: str) -> bytes:
         return bytes(m[c] for c in s)
     except KeyError as e:
         raise ValueError(f"character {e.args[0]!r} is not in GPT-2's byte-to-unicode map") from None
+
+
+META_FORMAT = "fastlm-bpe-1"
 
 
 class Tokenizer:
@@ -288,18 +292,37 @@ class Tokenizer:
     # --- files --------------------------------------------------------------------------------
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write vocab.json, merges.txt and special_tokens.json into ``out_dir``."""
+        """Write vocab.json, merges.txt, special_tokens.json and meta.json into ``out_dir``.
+
+        meta.json records each file's size and sha256 and the counts of tokens, merges and special
+        tokens, so ``load`` can tell a truncated, missing or edited file from a good one."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         special = {s.encode("utf-8") for s in self.special_tokens}
         vocab_json = {
             (b.decode("utf-8") if b in special else _to_printable(b)): i for i, b in sorted(self.vocab.items())
         }
-        _atomic_write(out / "vocab.json", json.dumps(vocab_json, ensure_ascii=False))
         lines = ["#version: 0.2 (fastlm byte-level BPE; GPT-2 format)"]
         lines += [f"{_to_printable(a)} {_to_printable(b)}" for a, b in self.merges]
-        _atomic_write(out / "merges.txt", "\n".join(lines) + "\n")
-        _atomic_write(out / "special_tokens.json", json.dumps(self.special_tokens, ensure_ascii=False))
+        texts = {
+            "vocab.json": json.dumps(vocab_json, ensure_ascii=False),
+            "merges.txt": "\n".join(lines) + "\n",
+            "special_tokens.json": json.dumps(self.special_tokens, ensure_ascii=False),
+        }
+        files = {}
+        for name, text in texts.items():
+            data = text.encode("utf-8")
+            _atomic_write(out / name, data)
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        meta = {
+            "format": META_FORMAT,
+            "vocab_size": len(self.vocab),
+            "merges": len(self.merges),
+            "num_special_tokens": len(self.special_tokens),
+            "hash": self.fingerprint(),
+            "files": files,
+        }
+        _atomic_write(out / "meta.json", json.dumps(meta, indent=2).encode())
         return out
 
     @classmethod
@@ -310,28 +333,64 @@ class Tokenizer:
         for p in (vocab_path, merges_path):
             if not Path(p).is_file():
                 raise FileNotFoundError(f"tokenizer file not found: {p}")
-        special_tokens = list(special_tokens or [])
-        raw_vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        special_tokens = validate_special_tokens(list(special_tokens or []))
+        raw_vocab = _read_json(Path(vocab_path), dict)
         vocab = {}
         for tok, i in raw_vocab.items():
-            vocab[int(i)] = tok.encode("utf-8") if tok in special_tokens else _from_printable(tok)
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise ValueError(f"{vocab_path}: token {tok!r} has id {i!r}, not a non-negative integer")
+            try:
+                vocab[i] = tok.encode("utf-8") if tok in special_tokens else _from_printable(tok)
+            except ValueError as e:
+                raise ValueError(f"{vocab_path}: token {tok!r}: {e}") from None
+        if len(vocab) != len(raw_vocab):
+            raise ValueError(f"{vocab_path}: {len(raw_vocab) - len(vocab)} ids are given to more than one token")
         merges = []
-        for line in Path(merges_path).read_text(encoding="utf-8").splitlines():
+        text = _read_text(Path(merges_path))
+        for n, line in enumerate(text.splitlines(), 1):
             if not line or line.startswith("#version"):
                 continue
-            a, b = line.split(" ")
-            merges.append((_from_printable(a), _from_printable(b)))
-        return cls(vocab, merges, special_tokens)
+            parts = line.split(" ")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"{merges_path}:{n}: expected two tokens separated by one space, got {line!r}")
+            try:
+                merges.append((_from_printable(parts[0]), _from_printable(parts[1])))
+            except ValueError as e:
+                raise ValueError(f"{merges_path}:{n}: {e}") from None
+        try:
+            return cls(vocab, merges, special_tokens)
+        except ValueError as e:
+            raise ValueError(f"{vocab_path} / {merges_path}: {e}") from None
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        """Load a directory written by ``save`` (or by ``python -m tokenizer train``)."""
+        """Load a directory written by ``save`` (or by ``python -m tokenizer train``), or GPT-2's own
+        vocab.json + merges.txt. Where meta.json exists every file it lists must match its size and
+        sha256 and the loaded counts must match; any difference names the file."""
         d = Path(directory)
         if not d.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {d}")
+        meta = _read_json(d / "meta.json", dict) if (d / "meta.json").exists() else None
+        if meta is not None and "files" in meta:
+            for name, want in meta["files"].items():
+                f = d / name
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f} is missing (listed in {d / 'meta.json'})")
+                data = f.read_bytes()
+                if len(data) != want["bytes"]:
+                    raise ValueError(
+                        f"{f} is damaged: {len(data)} bytes, {d / 'meta.json'} records {want['bytes']} (truncated?)"
+                    )
+                if hashlib.sha256(data).hexdigest() != want["sha256"]:
+                    raise ValueError(f"{f} is damaged: its sha256 differs from the one in {d / 'meta.json'}")
         special_path = d / "special_tokens.json"
-        specials = json.loads(special_path.read_text(encoding="utf-8")) if special_path.exists() else []
-        return cls.from_files(d / "vocab.json", d / "merges.txt", specials)
+        specials = _read_json(special_path, list) if special_path.exists() else []
+        tok = cls.from_files(d / "vocab.json", d / "merges.txt", specials)
+        if meta is not None and "files" in meta:
+            for field, got in (("vocab_size", len(tok.vocab)), ("merges", len(tok.merges))):
+                if field in meta and meta[field] != got:
+                    raise ValueError(f"{d}: {got} {field} loaded, {d / 'meta.json'} records {meta[field]}")
+        return tok
 
     def fingerprint(self) -> str:
         """A short hash identifying the vocab, merges and special tokens."""
@@ -365,7 +424,27 @@ def replace_lone_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 at byte {e.start} (damaged file?)") from None
+
+
+def _read_json(path: Path, kind: type):
+    """A JSON file's value, which must be a ``kind``; a parse error names the file."""
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}; truncated or damaged?)") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    if kind is list:
+        validate_special_tokens(value, str(path))
+    return value
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
