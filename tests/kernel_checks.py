@@ -35,7 +35,10 @@ def check_op_against_reference(
 ):
     """Forward and every input gradient of kernel_fn (in ``dtype``) against ref_fn in fp64; the
     error allowance is that of ``ref_lowp_fn`` (default ref_fn) run in ``dtype``."""
-    cast = lambda dt: [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]  # noqa: E731
+
+    def cast(dt):
+        return [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+
     # The same upstream gradient for all three runs.
     with torch.no_grad():
         shape = ref_fn(*cast(torch.float64)).shape
