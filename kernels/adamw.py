@@ -26,6 +26,7 @@ BLOCK = 1024
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# long: one Triton program (work-list lookup, the four tensors' offsets, the update)
 @triton.jit
 def _adamw_kernel(
     p_base,
@@ -164,6 +165,7 @@ def supports(tensors: list[torch.Tensor]) -> bool:
     )
 
 
+# long: the host side of one fused step: checks, the work list, one launch per dtype combination
 def adamw_step_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],

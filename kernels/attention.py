@@ -92,6 +92,7 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
+# long: one Triton program; most lines are the 20-odd arguments of each _fwd_inner call
 @triton.jit
 def _attn_fwd_kernel(
     Q,
@@ -328,6 +329,7 @@ def _dkdv_block(
     return dk, dv
 
 
+# long: one Triton program; most lines are arguments (strides of nine tensors)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -478,6 +480,7 @@ def _dq_block(
     return dq
 
 
+# long: one Triton program; most lines are arguments (strides of seven tensors)
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,
@@ -926,6 +929,7 @@ def attention(
     return FlashAttentionFunction.apply(q, k, v, causal, deterministic)
 
 
+# long: a table of every config the autotuners tune over, per kernel and architecture
 def compile_cases() -> list[dict]:
     """The configurations ``python -m kernels.compile_check`` compiles (every config each autotuner
     tunes over, causal bf16, per head dim), with explicit pointer types."""

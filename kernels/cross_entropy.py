@@ -76,6 +76,7 @@ def _row_masks(p, lead, span, ALIGN: tl.constexpr):
         return p < span, p < span, in_row
 
 
+# long: one Triton program: the single-pass and two-sweep row paths side by side
 @triton.jit
 def _ce_fwd_kernel(
     logits_ptr,
