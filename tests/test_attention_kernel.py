@@ -24,7 +24,11 @@ def test_attention_forward_and_grads(t, d, causal):
 
 @pytest.mark.skipif(GPU, reason="sets the interpreter's tiles; on a GPU the autotuner's configs run")
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("fwd_blocks,bwd_blocks", [((32, 16), (16, 32)), ((32, 16), (32, 16)), ((16, 16), (16, 64))])
+@pytest.mark.parametrize(
+    "fwd_blocks,bwd_blocks",
+    # ratios of the GPU configs: dK/dV 32x128 (1:4), dQ 128x32 (4:1), forward 128x128 and 128x32
+    [((32, 16), (16, 32)), ((32, 16), (32, 16)), ((16, 16), (16, 64)), ((64, 16), (64, 16))],
+)
 def test_attention_with_unequal_tiles(monkeypatch, fwd_blocks, bwd_blocks, causal):
     # The GPU configs use BLOCK_M != BLOCK_N (128x64, 32x128, 64x32...): the diagonal band's and the
     # tail's bounds must hold for those too, with T cutting through blocks of either size.
@@ -139,6 +143,19 @@ def test_attention_long_context_and_linear_memory():
     q, k, v = (torch.randn(1, 2, 8192, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = reference.attention(q.float(), k.float(), v.float())
     assert max_err(triton_ops.attention(q, k, v), ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_nondeterministic_backward_low_precision_error_ratio(d):
+    q, k, v = (torch.randn(2, 4, 1000, d, device="cuda") for _ in range(3))
+    check_op_against_reference(
+        lambda q, k, v: triton_ops.attention(q, k, v, causal=True, deterministic=False),
+        lambda q, k, v: reference.attention(q, k, v, causal=True),
+        [q, k, v],
+        dtype=torch.bfloat16,
+        ref_lowp_fn=lambda q, k, v: attention_same_dtype(q, k, v, True),
+    )
 
 
 @pytest.mark.gpu
