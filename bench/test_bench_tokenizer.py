@@ -152,3 +152,56 @@ def test_encoding_vs_tiktoken(benchmark, results, quick):
     )
     results.add(**row)
     benchmark.extra_info.update(row)
+
+
+def test_encoding_without_whitespace_vs_tiktoken(benchmark, results, quick):
+    """1 MB of random letters and digits (one pretoken per run of a class: base64, minified code):
+    BPE on pretokens a megabyte long, where a rescanning merge loop is quadratic."""
+    import random
+    import string
+
+    tiktoken = pytest.importorskip("tiktoken")
+    from tokenizer import Tokenizer
+    from tokenizer.pretokenize import GPT2_PATTERN
+    from tokenizer.tokenizer import _from_printable
+
+    rng = random.Random(0)
+    rows = []
+    for name, alphabet in (("letters", string.ascii_letters), ("base64", string.ascii_letters + string.digits + "+/")):
+        text = "".join(rng.choice(alphabet) for _ in range(10**6))
+        tok = Tokenizer.from_files(GPT2 / "gpt2_vocab.json", GPT2 / "gpt2_merges.txt", [EOT])
+        vocab = json.loads((GPT2 / "gpt2_vocab.json").read_text())
+        enc = tiktoken.Encoding(
+            "gpt2",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks={_from_printable(k): v for k, v in vocab.items() if k != EOT},
+            special_tokens={EOT: 50256},
+        )
+        timed = {}
+
+        def ours_encode(text=text, tok=tok, timed=timed):
+            t = time.perf_counter()
+            timed["ids"] = tok.encode(text)
+            timed["s"] = time.perf_counter() - t
+
+        if not rows:
+            benchmark.pedantic(ours_encode, rounds=1, iterations=1)
+        else:
+            ours_encode()
+        t = time.perf_counter()
+        ref = enc.encode(text)
+        tik_s = time.perf_counter() - t
+        assert timed["ids"] == ref
+        rows.append(
+            dict(
+                kind="tokenizer_encode_no_whitespace",
+                text=name,
+                mb=len(text) / 1e6,
+                ours_s=timed["s"],
+                tiktoken_s=tik_s,
+                time_ratio_vs_tiktoken=timed["s"] / tik_s,
+            )
+        )
+    for row in rows:
+        results.add(**row)
+    benchmark.extra_info.update(rows=rows)
