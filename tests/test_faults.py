@@ -98,19 +98,25 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
     step_s = (time.time() - t0 - startup) / steps
     rng = random.Random(1234)
     cmd = train_cmd(tmp_path, "killed", token_file, *extra)
-    done_kills = in_training = 0
+    done_kills = in_training = mid_write = 0
+    mfile = tmp_path / "killed" / "metrics.jsonl"
     while done_kills < kills:
+        started = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Anywhere from start-up to a dozen steps (six checkpoint writes) into training.
         time.sleep(rng.uniform(0.2, startup + 12 * step_s))
         if proc.poll() is None:
-            in_training += (tmp_path / "killed" / "metrics.jsonl").exists()
             proc.send_signal(signal.SIGKILL)
             done_kills += 1
+            proc.wait(timeout=60)
+            # In training: this process logged a row. Mid-write: it left a checkpoint's temporary.
+            in_training += mfile.exists() and mfile.stat().st_mtime > started
+            mid_write += any((tmp_path / "killed" / "checkpoints").glob("*.tmp"))
         proc.wait(timeout=60)
         summary = tmp_path / "killed" / "summary.json"
         assert not (summary.exists() and json.loads(summary.read_text())["status"] == "finished"), "run too short"
     assert in_training >= kills // 3, f"only {in_training} of {kills} kills landed after training started"
+    print(f"{done_kills} kills: {in_training} in training, {mid_write} inside a checkpoint write")
     done = run(cmd, timeout=600)  # the same command once more finishes the run
     assert done.returncode == 0, done.stderr
     assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # each step once, the same losses
@@ -150,6 +156,26 @@ def test_damaged_newest_checkpoint_is_skipped_by_path(tmp_path, token_file, dama
     assert r.returncode == 0, r.stderr
     assert f"skipping damaged checkpoint {newest}" in r.stderr
     assert "resumed from" in r.stderr and "step_00000003.pt at step 3" in r.stderr
+
+
+def test_a_damaged_newer_checkpoint_is_set_aside_not_kept_by_pruning(tmp_path, token_file):
+    extra = ["--checkpoint-interval", "2", "--log-interval", "2", "--keep-checkpoints", "1"]
+    assert run(train_cmd(tmp_path, "n", token_file, "--max-steps", "2", *extra)).returncode == 0
+    ckpts = tmp_path / "n" / "checkpoints"
+    (ckpts / "step_00000010.pt").write_bytes(os.urandom(2048))  # newer than anything trained
+    r = run(train_cmd(tmp_path, "n", token_file, "--max-steps", "4", *extra))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004.pt", "step_00000010.pt.damaged"]
+
+
+def test_refused_resume_leaves_the_runs_tokenizer_alone(tmp_path, shared_data):
+    cmd = [sys.executable, "-m", "train", *SMOKE, "--train-text", str(shared_data / "corpus.en")]
+    cmd += ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path), "--run-name", "tk"]
+    assert run([*cmd, "--max-steps", "2", "--checkpoint-interval", "2"]).returncode == 0
+    vocab = (tmp_path / "tk" / "tokenizer" / "vocab.json").read_bytes()
+    r = run([*cmd, "--max-steps", "4", "--vocab-size", "400"])  # another tokenizer: refused
+    assert r.returncode == 1 and "--vocab-size: 512 -> 400" in r.stderr
+    assert (tmp_path / "tk" / "tokenizer" / "vocab.json").read_bytes() == vocab
 
 
 def test_no_usable_checkpoint_is_one_clear_error(tmp_path, token_file):

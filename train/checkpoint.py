@@ -158,9 +158,11 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (by step); returns what was deleted."""
-    old = [p for _, p in list_checkpoints(directory)[:-keep]] if keep > 0 else []
+def prune_checkpoints(directory: str | os.PathLike, keep: int, upto_step: int | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (by step) up to ``upto_step``; nothing after
+    that step is ever deleted. Returns what was deleted."""
+    found = [(s, p) for s, p in list_checkpoints(directory) if upto_step is None or s <= upto_step]
+    old = [p for _, p in found[:-keep]] if keep > 0 else []
     for p in old:
         p.unlink(missing_ok=True)
     return old
@@ -170,8 +172,9 @@ def find_resumable(directory: str | os.PathLike, warn) -> tuple[Path, dict] | No
     """The newest checkpoint in ``directory`` that loads and validates, with its state (on the CPU).
 
     Each damaged one (truncated, empty, garbage, non-finite, unknown format) is passed to
-    ``warn(message)`` with its path and skipped. None when the directory has no checkpoint; a
-    UserError when it has some and none is usable."""
+    ``warn(message)`` with its path and renamed to ``*.pt.damaged`` (kept for a look, out of the
+    way of resuming and pruning). None when the directory has no checkpoint; a UserError when it
+    has some and none is usable."""
     found = list_checkpoints(directory)
     bad = []
     for _, path in reversed(found):
@@ -180,14 +183,16 @@ def find_resumable(directory: str | os.PathLike, warn) -> tuple[Path, dict] | No
             validate_checkpoint(state)
         except Exception as e:  # any way a file can be damaged: zip, pickle, EOF, our checks
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warn(f"skipping damaged checkpoint {path}: {reason}")
-            bad.append(path)
+            aside = path.with_name(path.name + ".damaged")
+            warn(f"skipping damaged checkpoint {path} (renamed to {aside.name}): {reason}")
+            os.replace(path, aside)
+            bad.append(aside)
             continue
         return path, state
     if bad:
         raise UserError(
-            f"no usable checkpoint in {directory}: all {len(bad)} are damaged (see above); "
-            "remove them to start over, or pass --resume PATH"
+            f"no usable checkpoint in {directory}: all {len(bad)} are damaged (renamed to *.pt.damaged); "
+            "rerun to start over, or pass --resume PATH"
         )
     return None
 

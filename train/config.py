@@ -162,8 +162,8 @@ def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     for section in ("model", "run"):
         old, new = saved.get(section) or {}, current.get(section) or {}
         for name in sorted(set(old) | set(new)):
-            if name not in new or old.get(name) == new[name]:
-                continue  # settings this code no longer has are not compared
+            if name not in new or name not in old or old[name] == new[name]:
+                continue  # settings only one side knows (older or newer code) are not compared
             line = f"{'--' + name.replace('_', '-')}: {old.get(name)!r} -> {new[name]!r}"
             (allowed if section == "run" and name in SAFE_ON_RESUME else refused).append(line)
     return refused, allowed
@@ -175,11 +175,15 @@ def read_settings_file(path: str | Path, what: str = "config file") -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {p}")
     try:
+        text = p.read_text()
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read {what}: {e.strerror}") from None
+    try:
         if p.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
+            return tomllib.loads(text)
+        return json.loads(text)
     except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
         raise ValueError(f"{p}: cannot parse {what}: {e}") from None
 

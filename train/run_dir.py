@@ -142,12 +142,26 @@ class RunDir:
         if src is None or not Path(src).is_dir():
             return None
         dest = self.path / "tokenizer"
-        if Path(src).resolve() == dest.resolve():
+        if Path(src).resolve() == dest.resolve() or _same_files(Path(src), dest):
             return dest
         tmp = self.path / f"tokenizer.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        if dest.exists():  # moved aside, then swapped: a kill in between leaves a whole copy
+            old = self.path / f"tokenizer.{os.getpid()}.old.tmp"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
         return dest
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """True when directories a and b hold the same files with the same bytes."""
+    if not b.is_dir():
+        return False
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
+        return False
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)

@@ -30,20 +30,29 @@ class StopControl:
         self.time_budget, self.process_start, self.distributed = time_budget, process_start, distributed
         self.signal: str | None = None
         self.training = False
+        self._previous: dict = {}
 
     def install(self) -> None:
         def handler(signum, frame):
             name = signal.Signals(signum).name
             if self.signal is None:
                 self.signal = name
-            if not self.training:
+            # Several ranks agree first (at the poll before the first step): one rank leaving
+            # set-up alone would leave the others waiting in a collective.
+            if not self.training and not self.distributed:
                 raise StopRequested(name)
 
         for sig in HANDLED:
             try:
-                signal.signal(sig, handler)
+                self._previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (some embedding test runners)
                 pass
+
+    def uninstall(self) -> None:
+        """Give the signals back to whoever handled them before (a process that trains twice, tests)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
     def enter_training(self) -> None:
         """From now on a signal sets the flag; one that arrived during set-up stops the first step."""

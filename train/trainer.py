@@ -161,7 +161,8 @@ class Trainer:
         self.max_steps = self._max_steps()
         self.raw_model = TransformerLM(self.model_cfg, kernels=r.kernels).to(self.device)
         self.sharded = r.fsdp and self.dist.enabled
-        state = self._resume_state()
+        state = self._resume_state()  # before the run directory changes: a refused resume touches nothing
+        self._adopt_tokenizer()
         if state is not None:  # full weights go in before sharding; FSDP2 then splits them
             try:
                 check_compatible(self.raw_model, state["model"])
@@ -222,12 +223,7 @@ class Trainer:
         for split, tokens in (("training", data.train), ("validation", data.valid)):
             if len(tokens) < ctx + 1:
                 raise UserError(f"{split} data has {len(tokens)} tokens; --context-length {ctx} needs {ctx + 1}")
-        if data.tokenizer_dir is not None and Path(data.tokenizer_dir).is_dir():
-            if self.dist.is_main:
-                self.run_dir.copy_tokenizer(data.tokenizer_dir)
-            barrier(self.dist)
-            data.tokenizer_dir = str(self.run_dir.path / "tokenizer")
-        else:
+        if data.tokenizer_dir is not None and not Path(data.tokenizer_dir).is_dir():
             data.tokenizer_dir = None
         size = tokenizer_size(data.tokenizer_dir)
         # --init-from: the weights fix the vocab size (a Llama's may exceed its tokenizer's ids).
@@ -239,17 +235,27 @@ class Trainer:
                     file=sys.stderr,
                 )
             self.model_cfg.vocab_size = size
-        vmax = int(data.train[: 1 << 20].max())
-        if vmax >= self.model_cfg.vocab_size:
-            raise UserError(
-                f"training tokens reach id {vmax}, beyond the model's --vocab-size {self.model_cfg.vocab_size}"
-            )
+        for split, tokens in (("training", data.train), ("validation", data.valid)):
+            vmax = int(tokens.max())  # the whole file: one pass at start, ~1 s a GB
+            if vmax >= self.model_cfg.vocab_size:
+                raise UserError(
+                    f"{split} tokens reach id {vmax}, beyond the model's --vocab-size {self.model_cfg.vocab_size}"
+                )
         self.data_fingerprint = {
             "train_tokens": len(data.train),
             "valid_tokens": len(data.valid),
             "tokenizer_sha256": tokenizer_fingerprint(data.tokenizer_dir),
         }
         return data
+
+    def _adopt_tokenizer(self) -> None:
+        """The run directory's own copy of the data's tokenizer (replaced only when it differs)."""
+        if self.data.tokenizer_dir is None:
+            return
+        if self.dist.is_main:
+            self.run_dir.copy_tokenizer(self.data.tokenizer_dir)
+        barrier(self.dist)
+        self.data.tokenizer_dir = str(self.run_dir.path / "tokenizer")
 
     def _eval_starts(self) -> list[np.ndarray]:
         rng = np.random.default_rng([self.run.seed, 2**31 - 1])
@@ -330,11 +336,23 @@ class Trainer:
                     f"({', '.join(later)}): continuing would mix two histories; pass a new --run-name"
                 )
         state["path"] = str(path)
+        missing = [k for k in ("optimizer", "rng_cpu", "model_config") if state.get(k) is None]
+        if missing:
+            raise UserError(
+                f"cannot resume {path}: it holds no {', '.join(missing)} (a weights-only file?); "
+                "a run can start from weights with --init-from a Hugging Face directory"
+            )
         self._check_settings(state)
         return state
 
     def _check_settings(self, state: dict) -> None:
-        saved = state.get("settings") or {"model": state.get("model_config"), "run": state.get("run_config")}
+        saved = state.get("settings")
+        if saved is None:  # format 1: the raw settings; paths as the same command would make them
+            run = dict(state.get("run_config") or {})
+            for k in PATH_SETTINGS:
+                if run.get(k):
+                    run[k] = os.path.abspath(run[k])
+            saved = {"model": state.get("model_config"), "run": run}
         refused, allowed = resume_differences(saved, self.settings())
         old_data, new_data = saved.get("data") or {}, self.data_fingerprint
         refused += [
@@ -406,7 +424,7 @@ class Trainer:
             # Relative to the checkpoint's own directory: the run directory can move.
             tokenizer_dir="../tokenizer" if self.data.tokenizer_dir else None,
         )
-        prune_checkpoints(self.run_dir.checkpoints, self.run.keep_checkpoints)
+        prune_checkpoints(self.run_dir.checkpoints, self.run.keep_checkpoints, upto_step=self.step)
         barrier(self.dist)
         return path
 
@@ -472,7 +490,13 @@ class Trainer:
         r = self.run
         self.stopper.enter_training()
         first_step = self.step
-        self.t_loop, self.t_log, self.eval_seconds = time.time(), time.time(), 0.0
+        self.t_loop, self.t_log = time.time(), time.time()
+        # For the time budget's reserve: the first step (compilation, warm-up) and the evals and
+        # checkpoints are timed apart from the steady steps.
+        self.first_step_s, self.side_s, self.eval_seconds, self.save_seconds = None, 0.0, 0.0, 0.0
+        early = self.stopper.poll(0.0, sync_point=True)  # a signal some rank got during set-up
+        if early in ("SIGUSR1", "SIGTERM", "SIGINT"):
+            return self.finish(self._stop_status(early))
         make = lambda s: self.batches.micro_batches(s, self.dist.rank, self.dist.world_size, r.grad_accum, self.device)
         prefetch = Prefetcher(make, self.step, self.max_steps)
         self.metrics = self.run_dir.open_metrics(self.step) if self.dist.is_main else None
@@ -483,6 +507,8 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = self._lr(self.step)
                 loss, grad_norm = self.train_step(prefetch.get(self.step), self.loss_acc)
+                if self.first_step_s is None:
+                    self.first_step_s = time.time() - self.t_loop
                 self.step += 1
                 self.acc_steps += 1
                 self.tokens_seen += r.batch_size * self.model_cfg.context_length
@@ -494,9 +520,13 @@ class Trainer:
                 self._evaluate_if_due(record, stop, reason)
                 self._write_metrics(record)
                 if stop or self.step % r.checkpoint_interval == 0:
+                    t0 = time.time()
                     self.save(loss, grad_norm)
+                    self.save_seconds = time.time() - t0
+                    self.side_s += self.save_seconds
                 if stop:
-                    status = "finished" if reason is None else self._stop_status(reason)
+                    finished = reason is None or self.step == self.max_steps
+                    status = "finished" if finished else self._stop_status(reason)
                     break
         except TrainingDiverged as e:
             status = "diverged"
@@ -512,10 +542,15 @@ class Trainer:
 
     def _reserve(self, first_step: int) -> float:
         """Seconds the end of a budgeted run needs: a few steps (a log interval of them where ranks
-        only agree at logs), the final evaluation and checkpoint, and a margin."""
-        per_step = (time.time() - self.t_loop) / max(1, self.step - first_step)
+        only agree at logs), the final evaluation and checkpoint, and a margin. A step's time is
+        that of the steady steps: not the first (torch.compile, autotuning), evals or checkpoints."""
+        steady = self.step - first_step - 1
+        if steady < 1:
+            per_step = 0.0
+        else:
+            per_step = (time.time() - self.t_loop - self.first_step_s - self.side_s) / steady
         steps = 3 + (self.run.log_interval if self.dist.enabled else 0)
-        return steps * per_step + self.eval_seconds + 5.0
+        return steps * max(0.0, per_step) + self.eval_seconds + self.save_seconds + 5.0
 
     def _stop_status(self, reason: str) -> str:
         return "time budget reached" if reason == "time budget" else f"interrupted by {reason}"
@@ -553,6 +588,7 @@ class Trainer:
         t0 = time.time()
         self.last_val = self.evaluate()
         self.eval_seconds = time.time() - t0
+        self.side_s += self.eval_seconds
         record["val_loss"] = self.last_val
         self.best_val = min(self.best_val, self.last_val)
 
@@ -561,8 +597,13 @@ class Trainer:
             return
         record["wall_time"] = self.elapsed_before + self.stopper.elapsed()
         if self.metrics is not None:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
+            except OSError as e:
+                if e.errno in USER_OS_ERRNOS:
+                    raise describe_os_error(e, "metrics", self.run_dir.path / "metrics.jsonl") from None
+                raise
         if self.wandb is not None:
             self.wandb.log(record, step=self.step)
         self.progress.log(record)
@@ -587,7 +628,7 @@ class Trainer:
                 "wall_time_total": self.elapsed_before + self.stopper.elapsed(),
             }
             self.run_dir.write_json("summary.json", self.summary)
-            if status in ("finished", "time budget reached") and self.run.sample_tokens > 0:
+            if status == "finished" and self.run.sample_tokens > 0:
                 self.write_samples()
         return STATUS_EXIT[status]
 
@@ -635,4 +676,5 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.finish()
         self.run_dir.release()
+        self.stopper.uninstall()
         shutdown(self.dist)
