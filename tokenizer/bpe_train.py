@@ -96,6 +96,8 @@ class _Desc:
         return isinstance(other, _Desc) and self.key == other.key
 
 
+# long: the handout's merge loop over shared tables (words, counts, pair index, heap); split, each
+# part would take all of them
 def merge_pretokens(
     pretoken_counts: dict[bytes, int], num_merges: int, progress: bool = False
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:

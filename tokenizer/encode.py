@@ -93,6 +93,37 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
+def _write_pieces(out_path: Path, jobs: list, tokenizer_dir: str, workers: int, bar) -> int:
+    """Encode ``jobs`` in order into ``out_path`` through ``<out>.tmp``; returns the token count. On
+    any exception or a noted SIGTERM/SIGINT the workers are terminated and the temp file removed."""
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    n_tokens = 0
+    pool = None
+    received: list[int] = []
+    try:
+        with _signals_noted(received), open(tmp, "wb") as out:
+            if workers == 1:
+                _init_worker(tokenizer_dir)
+            else:
+                pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, True))
+            for job, ids in zip(jobs, _ordered_results(jobs, pool, received)):
+                ids.tofile(out)
+                n_tokens += len(ids)
+                bar.update(job[2] - job[1])
+            if pool is not None:
+                pool.close()
+                pool.join()
+                pool = None
+        os.replace(tmp, out_path)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # SIGTERM to every worker, then waits for them
+            pool.join()
+        tmp.unlink(missing_ok=True)
+        raise
+    return n_tokens
+
+
 def encode_file(
     tokenizer_dir: str | os.PathLike,
     input_path: str | os.PathLike,
@@ -113,33 +144,10 @@ def encode_file(
     bounds = chunk_boundaries(input_path, CHUNK_BYTES, boundary_token(tok.special_tokens))
     jobs = [(str(input_path), a, b, dtype.str) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs) or 1))
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    n_tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(total=bounds[-1], unit="B", unit_scale=True, desc="encode", disable=not progress)
-    pool = None
-    received: list[int] = []
     try:
-        with _signals_noted(received), open(tmp, "wb") as out:
-            if workers == 1:
-                _init_worker(str(tokenizer_dir))
-            else:
-                pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_dir), True))
-            for job, ids in zip(jobs, _ordered_results(jobs, pool, received)):
-                ids.tofile(out)
-                n_tokens += len(ids)
-                bar.update(job[2] - job[1])
-            if pool is not None:
-                pool.close()
-                pool.join()
-                pool = None
-        os.replace(tmp, out_path)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()  # SIGTERM to every worker, then waits for them
-            pool.join()
-        tmp.unlink(missing_ok=True)
-        raise
+        n_tokens = _write_pieces(out_path, jobs, str(tokenizer_dir), workers, bar)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
