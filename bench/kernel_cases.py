@@ -427,6 +427,32 @@ def scalarize(out):
     return out
 
 
+def timed_callable(fn, inputs: list, tensors: list[torch.Tensor], mode: str):
+    """What one timed call of ``mode`` runs: the forward ("fwd"), the backward of one kept
+    forward ("bwd", the graph retained), or both ("fwd+bwd")."""
+
+    def forward():
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            return fn(*inputs)
+
+    if mode == "fwd":
+        return forward
+    out = scalarize(fn(*inputs))
+    grad = torch.randn_like(out) if out.dim() else None
+
+    def backward():
+        for t in tensors:
+            t.grad = None
+        out.backward(grad, retain_graph=True)
+
+    def both():
+        for t in tensors:
+            t.grad = None
+        scalarize(fn(*inputs)).backward(grad)
+
+    return backward if mode == "bwd" else both
+
+
 def run_case(
     case: Case,
     backend: str,
@@ -456,28 +482,7 @@ def run_case(
     try:
         inputs = case.make(device, dtype)
         tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-        def forward():
-            with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-                return fn(*inputs)
-
-        if mode == "fwd":
-            call = forward
-        else:
-            out = scalarize(fn(*inputs))
-            grad = torch.randn_like(out) if out.dim() else None
-
-            def backward():
-                for t in tensors:
-                    t.grad = None
-                out.backward(grad, retain_graph=True)
-
-            def both():
-                for t in tensors:
-                    t.grad = None
-                scalarize(fn(*inputs)).backward(grad)
-
-            call = backward if mode == "bwd" else both
+        call = timed_callable(fn, inputs, tensors, mode)
         ms = time_ms(call, device, warmup, rep)
         if case.op == "attention" and backend == "ours" and device.type == "cuda":
             from kernels.attention import autotune_timings, autotuned_configs

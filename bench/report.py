@@ -187,6 +187,12 @@ def e2e_section(e2e: list[dict]) -> list[str]:
         "activations saved for the backward (no transients). GPU busy: kernel time over step time; well under "
         "100% means the step waits on the host (launch overhead), not on the GPU.",
     ]
+    return lines + breakdown_section(e2e)
+
+
+def breakdown_section(e2e: list[dict]) -> list[str]:
+    """The step breakdown table: parts that sum to the profiled total, what no kernel covers named."""
+    lines: list[str] = []
     comps = [c for c in BREAKDOWN_ORDER if any(c in (r.get("breakdown_ms") or {}) for r in e2e)]
     if comps:
         lines += [
@@ -239,84 +245,76 @@ def training_runs_section(run_dirs: list[str | Path]) -> list[str]:
     return lines
 
 
-def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | Path] | None = None) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_results(paths)
-    lines = ["# Benchmark report", ""]
+def provenance_section(rows: list[dict]) -> list[str]:
     metas = sorted(
         {
-            (
-                r.get("device"),
-                r.get("torch"),
-                r.get("triton"),
-                (r.get("git_commit") or "")[:10],
-                r.get("date"),
-                r.get("file"),
-            )
+            (r.get("device"), r.get("torch"), r.get("triton"), (r.get("git_commit") or "")[:10], r.get("date"),
+             r.get("file"))
             for r in rows
         }
-    )
-    lines += ["## Provenance", "", "| device | torch | triton | commit | date | file |", "|---|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(map(str, m))} |" for m in metas]
-    peaks = [r for r in rows if r.get("kind") == "peaks"]
-    if peaks:
-        lines += [
-            "",
-            "## Device peaks",
-            "",
-            "| device | table bf16 TFLOP/s | table GB/s | measured matmul TFLOP/s | measured copy GB/s | source |",
-            "|---|---|---|---|---|---|",
-        ]
-        for p in peaks:
-            t = p.get("table") or {}
-            lines.append(
-                _row(
-                    p["device"],
-                    _fmt(t.get("bf16_tflops")),
-                    _fmt(t.get("bandwidth_gbs")),
-                    _fmt(p.get("measured_matmul_tflops")),
-                    _fmt(p.get("measured_copy_gbs")),
-                    t.get("source", "-"),
-                )
+    )  # fmt: skip
+    lines = ["## Provenance", "", "| device | torch | triton | commit | date | file |", "|---|---|---|---|---|---|"]
+    return lines + [_row(*m) for m in metas]
+
+
+def peaks_section(peaks: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## Device peaks",
+        "",
+        "| device | table bf16 TFLOP/s | table GB/s | measured matmul TFLOP/s | measured copy GB/s | source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in peaks:
+        t = p.get("table") or {}
+        lines.append(
+            _row(
+                p["device"],
+                _fmt(t.get("bf16_tflops")),
+                _fmt(t.get("bandwidth_gbs")),
+                _fmt(p.get("measured_matmul_tflops")),
+                _fmt(p.get("measured_copy_gbs")),
+                t.get("source", "-"),
             )
-    kern = [r for r in rows if r.get("kind") == "kernel"]
-    if kern:
-        lines += [
-            "",
-            "## Kernels",
-            "",
-            "| op | shape | mode | backend | ms | GB/s | TFLOP/s | % of peak | peak MB | vs torch | note | file |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        base = {(r["op"], r["shape"], r["mode"], r["device"]): r.get("ms") for r in kern if r["backend"] == "torch"}
-        for r in kern:
-            ref = base.get((r["op"], r["shape"], r["mode"], r["device"]))
-            speedup = ref / r["ms"] if ref and r.get("ms") else None
-            note = r.get("error") or ", ".join(f"{k} {v}" for k, v in (r.get("autotuned") or {}).items())
-            lines.append(
-                _row(
-                    r["op"],
-                    r["shape"],
-                    r["mode"],
-                    r["backend"],
-                    _fmt(r.get("ms"), 3),
-                    _fmt(r.get("gb_s"), 0),
-                    _fmt(r.get("tflops"), 1),
-                    _fmt(r.get("pct_of_peak"), 1),
-                    _fmt(r.get("peak_mem_mb"), 0),
-                    f"{_fmt(speedup)}x",
-                    note,
-                    r.get("file", "-"),
-                )
+        )
+    return lines
+
+
+def kernels_section(kern: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## Kernels",
+        "",
+        "| op | shape | mode | backend | ms | GB/s | TFLOP/s | % of peak | peak MB | vs torch | note | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["op"], r["shape"], r["mode"], r["device"]): r.get("ms") for r in kern if r["backend"] == "torch"}
+    for r in kern:
+        ref = base.get((r["op"], r["shape"], r["mode"], r["device"]))
+        speedup = ref / r["ms"] if ref and r.get("ms") else None
+        note = r.get("error") or ", ".join(f"{k} {v}" for k, v in (r.get("autotuned") or {}).items())
+        lines.append(
+            _row(
+                r["op"],
+                r["shape"],
+                r["mode"],
+                r["backend"],
+                _fmt(r.get("ms"), 3),
+                _fmt(r.get("gb_s"), 0),
+                _fmt(r.get("tflops"), 1),
+                _fmt(r.get("pct_of_peak"), 1),
+                _fmt(r.get("peak_mem_mb"), 0),
+                f"{_fmt(speedup)}x",
+                note,
+                r.get("file", "-"),
             )
-        if plot_kernels(kern, out_dir / "kernels.png"):
-            lines += ["", "![kernels](kernels.png)"]
-    e2e = [r for r in rows if r.get("kind") == "e2e"]
-    if e2e:
-        lines += e2e_section(e2e)
-        if plot_e2e(e2e, out_dir / "e2e.png"):
-            lines += ["", "![end to end](e2e.png)"]
+        )
+    return lines
+
+
+def other_sections(rows: list[dict]) -> list[str]:
+    """Largest batch that fits, and the tokenizer rows."""
+    lines: list[str] = []
     lb = [r for r in rows if r.get("kind") == "largest_batch"]
     if lb:
         lines += ["", "## Largest batch that fits", "", "| preset | backend | batch | file |", "|---|---|---|---|"]
@@ -325,13 +323,28 @@ def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | 
     if tok:
         lines += ["", "## Tokenizer", ""]
         for r in tok:
-            lines.append(
-                "- "
-                + ", ".join(
-                    f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("file", "meta") and not isinstance(v, dict)
-                )
-                + f" (file {r.get('file', '-')})"
-            )
+            fields = (f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("file", "meta") and not isinstance(v, dict))
+            lines.append("- " + ", ".join(fields) + f" (file {r.get('file', '-')})")
+    return lines
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path, runs: list[str | Path] | None = None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_results(paths)
+    by_kind = lambda kind: [r for r in rows if r.get("kind") == kind]
+    lines = ["# Benchmark report", "", *provenance_section(rows)]
+    if by_kind("peaks"):
+        lines += peaks_section(by_kind("peaks"))
+    if by_kind("kernel"):
+        lines += kernels_section(by_kind("kernel"))
+        if plot_kernels(by_kind("kernel"), out_dir / "kernels.png"):
+            lines += ["", "![kernels](kernels.png)"]
+    if by_kind("e2e"):
+        lines += e2e_section(by_kind("e2e"))
+        if plot_e2e(by_kind("e2e"), out_dir / "e2e.png"):
+            lines += ["", "![end to end](e2e.png)"]
+    lines += other_sections(rows)
     if runs:
         lines += training_runs_section(runs)
     plot_flops(out_dir / "flops.png")
