@@ -25,7 +25,7 @@ time_budget_args() {
 # (--cpus-per-task, else the job's CPUs on the node, else the machine's cores) shared out, at
 # least 1. More OpenMP threads than cores spin against each other (2 s/step instead of 80 ms).
 threads_per_process() {
-    local nprocs=${1:-1} cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(nproc)}}
+    local nprocs=${1:-1} cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}}
     cpus=${cpus%%(*}  # SLURM_CPUS_ON_NODE may read "4(x2)" on heterogeneous nodes
     local t=$(( cpus / (nprocs > 0 ? nprocs : 1) ))
     echo $(( t > 0 ? t : 1 ))

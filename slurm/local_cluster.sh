@@ -25,7 +25,7 @@ for b in munged slurmctld slurmd sbatch; do
     command -v "$b" >/dev/null || { echo "missing $b: apt-get install slurm-wlm munge" >&2; exit 1; }
 done
 mkdir -p "$DIR/state" "$DIR/spool" "$DIR/munge" "$DIR/log"
-CPUS=$(nproc)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: the cores
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 cat > "$CONF" <<CONF
 ClusterName=fastlm-local

@@ -59,7 +59,8 @@ PY
 [ "${#ARGS[@]}" -gt 0 ] || { echo "could not decode task $SLURM_ARRAY_TASK_ID of $SWEEP" >&2; exit 1; }
 read -r RUN_DIR _ < <(run_dir_of unnamed "${ARGS[@]}" "$@")
 [ -n "$RUN_DIR" ] || { "$PY" -m train "${ARGS[@]}" "$@" --print-config >/dev/null; exit $?; }  # its one-line error
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_process 1)}
+# From the allocation, not the submitting shell (sbatch exports its environment).
+export OMP_NUM_THREADS=$(threads_per_process 1)
 echo "task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} = job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}, started $(date -d @"$START" '+%F %T'))," \
     "$OMP_NUM_THREADS thread(s): python -m train ${ARGS[*]} ${budget[*]} $* -> $RUN_DIR"
 

@@ -16,7 +16,7 @@ VOCAB=${2:?vocab size}
 TRAIN=${3:?training text}
 shift 3
 . slurm/lib.sh
-WORKERS=${SLURM_CPUS_PER_TASK:-$(nproc)}
+WORKERS=$(threads_per_process 1)  # the allocation's CPUs
 mkdir -p "$OUT"
 "$PY" -m tokenizer train --input "$TRAIN" --vocab-size "$VOCAB" --special-token '<|endoftext|>' \
     --out "$OUT/tokenizer" --workers "$WORKERS"

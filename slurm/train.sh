@@ -42,7 +42,8 @@ read -r RUN_DIR UNNAMED < <(run_dir_of "$NAME" "$@")
 [ -n "$RUN_DIR" ] || { "$PY" -m train "$@" --print-config >/dev/null; exit $?; }  # its one-line error
 [ -n "${UNNAMED:-}" ] && ARGS+=(--run-name "$NAME")
 read -r -a budget <<<"$(time_budget_args)"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_process "$NPROC")}
+# From the allocation, not the submitting shell (sbatch exports its environment).
+export OMP_NUM_THREADS=$(threads_per_process "$NPROC")
 # torchrun leaves TERM to its workers (they checkpoint and exit; Slurm's KillWait is the backstop).
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 echo "job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}, started $(date -d @"$START" '+%F %T')) on $NNODES node(s) x $NPROC process(es)," \

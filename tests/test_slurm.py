@@ -158,13 +158,17 @@ def _sh(env, *cmd, check=True):
     return r.stdout.strip()
 
 
-def _wait(predicate, timeout, what):
+def _wait(predicate, timeout, what, env=None, log=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    state = ""
+    if env is not None:  # what the cluster was doing, for the failure message
+        state = _sh(env, "squeue", "-h", "-o", "%i %T %r", check=False) + "\n" + _sh(env, "sinfo", "-h", check=False)
+    tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{state}\n{tail}")
 
 
 def _submit_sweep(env, sweep_path, job_name, *sbatch_args):
@@ -262,14 +266,15 @@ def test_time_limited_sweep_task_finishes_over_several_allocations(slurm, tmp_pa
     )
     # A 1-minute limit with 47 s held back: each allocation gets a --time-budget of about 12 s
     # (about 150 steps here). USR1 at 5 s before the limit, after the budget.
-    env = {**slurm, "FASTLM_TIME_RESERVE": "47", "SBATCH_SIGNAL": "USR1@5"}
+    # OMP_NUM_THREADS=4 in the submitting shell: the task still uses its one allocated CPU.
+    env = {**slurm, "FASTLM_TIME_RESERVE": "47", "SBATCH_SIGNAL": "USR1@5", "OMP_NUM_THREADS": "4"}
     name = f"t-lim-{os.getpid()}"
     array_id = _submit_sweep(env, path, name, "--time=1")
     from train.cli import main as train_main
 
     # The same run without a time limit, while the task runs.
     assert train_main(train_args(load_sweep(path), 0, out_dir=str(tmp_path / "ref"))) == 0
-    _wait(lambda: _sh(slurm, "squeue", "-h", "-j", array_id, check=False) == "", 400, "the time-limited task")
+    _wait(lambda: _sh(slurm, "squeue", "-h", "-j", array_id, check=False) == "", 400, "the time-limited task", slurm)
     logs = _logs(name, array_id)
     try:
         text = logs[0].read_text()
@@ -277,6 +282,7 @@ def test_time_limited_sweep_task_finishes_over_several_allocations(slurm, tmp_pa
         summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run, ref))
         assert summary["status"] == "finished" and summary["step"] == ref_summary["step"] == steps, text[-3000:]
         assert "restart 2" in text and text.count("status: time budget reached") >= 2, text[-3000:]
+        assert "1 thread(s): python -m train" in text, text[:2000]
         logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         ref_logged = [json.loads(line)["step"] for line in (ref / "metrics.jsonl").read_text().splitlines()]
         assert sorted(set(logged)) == logged and set(ref_logged) <= set(logged), (logged, ref_logged)
@@ -297,8 +303,9 @@ def test_train_sh_usr1_requeues_and_resumes_then_scancel_stops_it(slurm, tmp_pat
     args += ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs"), "--run-name", "tr"]
     args += ["--max-steps", "100000", "--log-interval", "5", "--eval-interval", "100000"]
     args += ["--checkpoint-interval", "100000", "--sample-tokens", "0"]
-    env = {**slurm, "NPROC_PER_NODE": "2"}
-    job = _sh(env, "sbatch", "--parsable", f"--job-name={name}", "slurm/train.sh", *args).split(";")[0]
+    env = {**slurm, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "4"}  # the old fixed 4, from the submitting shell
+    job = _sh(env, "sbatch", "--parsable", "--cpus-per-task=2", f"--job-name={name}", "slurm/train.sh", *args)
+    job = job.split(";")[0]
     log = ROOT / "logs" / f"{name}_{job}.out"
     metrics = run / "metrics.jsonl"
 
@@ -306,18 +313,20 @@ def test_train_sh_usr1_requeues_and_resumes_then_scancel_stops_it(slurm, tmp_pat
         return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
     try:
-        _wait(lambda: len(logged_steps()) >= 2, 180, "the first steps")
+        _wait(lambda: len(logged_steps()) >= 2, 180, "the first steps", slurm, log)
         _sh(slurm, "scancel", "--signal=USR1", job)
-        _wait(lambda: log.exists() and "restart 1" in log.read_text(), 120, "the requeued job to start")
+        _wait(lambda: log.exists() and "restart 1" in log.read_text(), 120, "the requeued job to start", slurm, log)
         ckpts = sorted((run / "checkpoints").glob("*.pt"))
         assert len(ckpts) == 1, ckpts
         stopped_at = int(ckpts[0].stem.split("_")[1])
         text = log.read_text()
         assert "status: interrupted by SIGUSR1" in text and "requeueing" in text, text[-3000:]
-        assert "2 process(es), 1 thread(s) each" in text  # the node's CPUs shared out, not a fixed 4
-        _wait(lambda: any(s > stopped_at + 5 for s in logged_steps()), 180, "steps after the resume")
+        assert "2 process(es), 1 thread(s) each" in text  # the 2 allocated CPUs shared out
+        _wait(lambda: any(s > stopped_at + 5 for s in logged_steps()), 180, "steps after the resume", slurm, log)
         _sh(slurm, "scancel", job)
-        _wait(lambda: _sh(slurm, "squeue", "-h", "-j", job, check=False) == "", 60, "the cancelled job to end")
+        _wait(
+            lambda: _sh(slurm, "squeue", "-h", "-j", job, check=False) == "", 60, "the cancelled job to end", slurm, log
+        )
         time.sleep(2)  # squeue is empty once the batch step ends; its last lines follow
         text = log.read_text()
         summary = json.loads((run / "summary.json").read_text())
