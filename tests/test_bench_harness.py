@@ -217,6 +217,7 @@ def test_benchmark_sessions_can_share_one_results_file(tmp_path, monkeypatch):
     assert ResultsWriter("cpu", tmp_path).rows == []  # without it, a new file per session
 
 
+@pytest.mark.slow
 def test_op_count_of_a_training_step():
     from bench.op_count import NO_WORK, count_step_ops, main, tiny_model
 

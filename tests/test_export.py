@@ -136,6 +136,7 @@ def smoke_export(tmp_path_factory, shared_data):
     return d / "hf", ours, Tokenizer.load(run / "tokenizer")
 
 
+@pytest.mark.slow
 def test_exported_directory_has_the_llama_files(smoke_export):
     hf, ours, tok = smoke_export
     assert sorted(p.name for p in hf.iterdir()) == [
@@ -161,6 +162,7 @@ def test_exported_directory_has_the_llama_files(smoke_export):
     assert generation["eos_token_id"] == tok.special_ids[EOT] and generation["temperature"] == 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_smoke_export_logits_equal_ours(smoke_export, kernels):
     hf, ours, tok = smoke_export
@@ -172,6 +174,7 @@ def test_smoke_export_logits_equal_ours(smoke_export, kernels):
         assert rel_err(theirs(x).logits, mine(x)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_smoke_export_greedy_generation_equals_train_generate(smoke_export):
     hf, ours, tok = smoke_export
     theirs = hf_model(hf)
@@ -182,6 +185,7 @@ def test_smoke_export_greedy_generation_equals_train_generate(smoke_export):
     assert out[0, len(prompt) :].tolist() == mine
 
 
+@pytest.mark.slow
 def test_auto_tokenizer_gives_our_ids(smoke_export, shared_data):
     hf, _, tok = smoke_export
     auto = transformers.AutoTokenizer.from_pretrained(hf)
@@ -387,6 +391,7 @@ def test_llama_written_by_transformers_is_read(tmp_path, tied):
 # --- python -m train --init-from DIR ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_from_then_export_gives_identical_files(smoke_export, tmp_path, shared_data):
     hf, ours, tok = smoke_export
     # lr 0: one optimizer step that leaves every weight as it was, then the final checkpoint.
@@ -401,6 +406,7 @@ def test_init_from_then_export_gives_identical_files(smoke_export, tmp_path, sha
         assert (tmp_path / "hf2" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+@pytest.mark.slow
 def test_init_from_trains_from_the_weights(smoke_export, tmp_path, shared_data):
     hf, ours, tok = smoke_export
     args = SMOKE + ["--init-from", str(hf), "--train-text", str(shared_data / "corpus.en"), "--quiet"]
@@ -416,6 +422,7 @@ def test_init_from_trains_from_the_weights(smoke_export, tmp_path, shared_data):
     assert config["model"] == ours.config.to_dict() and config["run"]["init_from"] == str(hf.resolve())
 
 
+@pytest.mark.slow
 def test_init_from_takes_the_model_from_the_directory(smoke_export):
     from train.cli import resolve
     from train.errors import UserError
@@ -431,6 +438,7 @@ def test_init_from_takes_the_model_from_the_directory(smoke_export):
         resolve(["--init-from", str(hf.parent / "nowhere")])
 
 
+@pytest.mark.slow
 def test_tinystories_preset_shape_exports_and_generates_the_same(tmp_path):
     # The preset the README's goal names (vocab 10,000, d_model 512, 4 layers, 16 heads), random weights.
     from train.config import preset

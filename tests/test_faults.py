@@ -126,6 +126,7 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
     assert temporaries(tmp_path / "killed") == []
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_and_replayed_metrics_appear_once(tmp_path, token_file):
     extra = ["--checkpoint-interval", "4", "--log-interval", "1", "--eval-interval", "100"]
     assert run(train_cmd(tmp_path, "r", token_file, "--max-steps", "8", *extra)).returncode == 0
@@ -145,6 +146,7 @@ def test_stale_temporaries_are_removed_and_replayed_metrics_appear_once(tmp_path
 # --- damaged checkpoints ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 def test_damaged_newest_checkpoint_is_skipped_by_path(tmp_path, token_file, damage):
     extra = ["--checkpoint-interval", "3", "--log-interval", "3", "--keep-checkpoints", "3"]
@@ -158,6 +160,7 @@ def test_damaged_newest_checkpoint_is_skipped_by_path(tmp_path, token_file, dama
     assert "resumed from" in r.stderr and "step_00000003.pt at step 3" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_newer_checkpoint_is_set_aside_not_kept_by_pruning(tmp_path, token_file):
     extra = ["--checkpoint-interval", "2", "--log-interval", "2", "--keep-checkpoints", "1"]
     assert run(train_cmd(tmp_path, "n", token_file, "--max-steps", "2", *extra)).returncode == 0
@@ -168,6 +171,7 @@ def test_a_damaged_newer_checkpoint_is_set_aside_not_kept_by_pruning(tmp_path, t
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004.pt", "step_00000010.pt.damaged"]
 
 
+@pytest.mark.slow
 def test_refused_resume_leaves_the_runs_tokenizer_alone(tmp_path, shared_data):
     cmd = [sys.executable, "-m", "train", *SMOKE, "--train-text", str(shared_data / "corpus.en")]
     cmd += ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path), "--run-name", "tk"]
@@ -178,6 +182,7 @@ def test_refused_resume_leaves_the_runs_tokenizer_alone(tmp_path, shared_data):
     assert (tmp_path / "tk" / "tokenizer" / "vocab.json").read_bytes() == vocab
 
 
+@pytest.mark.slow
 def test_no_usable_checkpoint_is_one_clear_error(tmp_path, token_file):
     assert run(train_cmd(tmp_path, "z", token_file, "--max-steps", "2", "--checkpoint-interval", "2")).returncode == 0
     (tmp_path / "z" / "checkpoints" / "step_00000002.pt").write_bytes(b"")
@@ -186,6 +191,7 @@ def test_no_usable_checkpoint_is_one_clear_error(tmp_path, token_file):
     assert "no usable checkpoint in" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_explicit_bad_checkpoint_names_the_file(tmp_path, token_file):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -197,6 +203,7 @@ def test_explicit_bad_checkpoint_names_the_file(tmp_path, token_file):
 # --- divergence ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_divergence_keeps_a_finite_checkpoint_and_a_lower_lr_resumes_from_it(tmp_path, token_file):
     # At lr 100 the weight decay alone flips and grows the weights 8.7x a step: non-finite by step 8.
     extra = ["--checkpoint-interval", "2", "--log-interval", "1", "--warmup-iters", "0"]
@@ -218,6 +225,7 @@ def test_divergence_keeps_a_finite_checkpoint_and_a_lower_lr_resumes_from_it(tmp
     assert metrics(tmp_path / "div")[-1]["step"] == 40
 
 
+@pytest.mark.slow
 def test_a_finite_but_doomed_state_is_not_checkpointed(tmp_path, token_file):
     # The case: after a step at lr 1e6 every tensor is finite, but the next gradients are
     # not. No checkpoint of that state is written, so the rerun with a sane lr starts over.
@@ -243,6 +251,7 @@ def test_all_finite_catches_nan_and_inf_in_any_tensor():
 # --- resume refusals ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_an_existing_run_and_touches_nothing(tmp_path, token_file):
     assert run(train_cmd(tmp_path, "old", token_file, "--max-steps", "4", "--checkpoint-interval", "2")).returncode == 0
     before = {p: p.read_bytes() for p in (tmp_path / "old").rglob("*") if p.is_file() and p.name != ".lock"}
@@ -261,6 +270,7 @@ def test_resume_never_refuses_an_existing_run_and_touches_nothing(tmp_path, toke
         (["--seed", "7"], "--seed: 0 -> 7"),
     ],
 )
+@pytest.mark.slow
 def test_resume_with_changed_model_or_data_settings_is_refused(tmp_path, token_file, change, listed):
     assert run(train_cmd(tmp_path, "c", token_file, "--max-steps", "2", "--checkpoint-interval", "2")).returncode == 0
     config = (tmp_path / "c" / "config.json").read_text()
@@ -270,6 +280,7 @@ def test_resume_with_changed_model_or_data_settings_is_refused(tmp_path, token_f
     assert (tmp_path / "c" / "config.json").read_text() == config
 
 
+@pytest.mark.slow
 def test_safe_changes_on_resume_are_recorded(tmp_path, token_file):
     assert run(train_cmd(tmp_path, "s", token_file, "--max-steps", "2", "--checkpoint-interval", "2")).returncode == 0
     r = run(train_cmd(tmp_path, "s", token_file, "--max-steps", "4", "--log-interval", "1"))
@@ -281,6 +292,7 @@ def test_safe_changes_on_resume_are_recorded(tmp_path, token_file):
 # --- bad input -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vocab_follows_a_smaller_trained_tokenizer_and_samples_are_written(tmp_path, shared_data):
     text = tmp_path / "tiny.txt"
     text.write_text((shared_data / "tinystories_sample.txt").read_text())
@@ -298,12 +310,14 @@ def test_vocab_follows_a_smaller_trained_tokenizer_and_samples_are_written(tmp_p
     assert (tmp_path / "runs" / "v" / "samples.txt").read_text().count("=== sample") == 2
 
 
+@pytest.mark.slow
 def test_empty_special_token_is_refused(tmp_path, token_file):
     r = run(train_cmd(tmp_path, "sp", token_file, "--max-steps", "2", "--special-token", ""))
     assert r.returncode == 1
     assert "special_token" in one_line_error(r.stderr)
 
 
+@pytest.mark.slow
 def test_wrong_typed_config_value_names_the_file_and_setting(tmp_path, token_file):
     cfg = tmp_path / "run.toml"
     cfg.write_text('lr = "fast"\n')
@@ -313,11 +327,13 @@ def test_wrong_typed_config_value_names_the_file_and_setting(tmp_path, token_fil
     assert str(cfg) in line and "lr must be a float" in line and "'fast'" in line
 
 
+@pytest.mark.slow
 def test_usage_error_has_its_own_exit_code(tmp_path, token_file):
     r = run(train_cmd(tmp_path, "u", token_file, "--max-steps", "two"))
     assert r.returncode == 64 and "invalid int value" in r.stderr
 
 
+@pytest.mark.slow
 def test_read_only_run_directory_is_one_line(tmp_path, token_file, mount_tmpfs):
     ro = mount_tmpfs("ro", read_only=True)
     r = run(train_cmd(ro, "x", token_file, "--max-steps", "2"))
@@ -326,6 +342,7 @@ def test_read_only_run_directory_is_one_line(tmp_path, token_file, mount_tmpfs):
     assert str(ro / "x") in line and "--out-dir" in line
 
 
+@pytest.mark.slow
 def test_read_only_data_directory_is_one_line(tmp_path, shared_data, mount_tmpfs):
     ro = mount_tmpfs("rodata", read_only=True)
     cmd = [sys.executable, "-m", "train", *SMOKE, "--train-text", str(shared_data / "corpus.en")]
@@ -336,6 +353,7 @@ def test_read_only_data_directory_is_one_line(tmp_path, shared_data, mount_tmpfs
     assert str(ro / "cache") in line and "--data-dir" in line
 
 
+@pytest.mark.slow
 def test_full_disk_at_checkpoint_is_one_line_and_leaves_no_partial_file(tmp_path, token_file, mount_tmpfs):
     small = mount_tmpfs("small", size="400k")
     r = run(train_cmd(small, "f", token_file, "--max-steps", "2", "--checkpoint-interval", "2"))
@@ -374,6 +392,7 @@ def _start_and_wait_for_training(cmd, run_dir, rows=2):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 4), (signal.SIGTERM, 4)])
 def test_sigint_and_sigterm_checkpoint_and_exit_interrupted(tmp_path, token_file, sig, code):
     extra = ["--max-steps", "2000", "--log-interval", "1", "--checkpoint-interval", "1000"]
@@ -387,6 +406,7 @@ def test_sigint_and_sigterm_checkpoint_and_exit_interrupted(tmp_path, token_file
     assert list((tmp_path / "g" / "checkpoints").glob("step_*.pt"))
 
 
+@pytest.mark.slow
 def test_signal_during_data_preparation_ends_with_a_summary(tmp_path, shared_data):
     big = tmp_path / "big.txt"
     with open(big, "w") as f:

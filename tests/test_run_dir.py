@@ -34,6 +34,7 @@ def test_print_config_output_loads_back_with_config(tmp_path, capsys):
     assert settings(["--config", str(printed)]) == settings(argv)
 
 
+@pytest.mark.slow
 def test_a_runs_config_json_loads_back_and_reproduces_the_run(tmp_path, token_file):
     argv = [*SMOKE, "--train-data", str(token_file), "--out-dir", str(tmp_path), "--run-name", "r"]
     argv += ["--max-steps", "2", "--sample-tokens", "0", "--quiet", "--lr", "0.004"]
@@ -43,6 +44,7 @@ def test_a_runs_config_json_loads_back_and_reproduces_the_run(tmp_path, token_fi
     assert settings(["--config", str(config)]) == settings(argv)
 
 
+@pytest.mark.slow
 def test_run_directory_is_self_contained(tmp_path, shared_data):
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "train", *SMOKE, "--train-text", str(shared_data / "corpus.en"), "--quiet"]
@@ -60,6 +62,7 @@ def test_run_directory_is_self_contained(tmp_path, shared_data):
     assert out.stdout.startswith("Once upon a time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quiet", [False, True])
 def test_progress_lines_without_a_terminal_and_a_closing_summary(tmp_path, token_file, quiet):
     cmd = [sys.executable, "-m", "train", *SMOKE, "--train-data", str(token_file), "--out-dir", str(tmp_path)]
@@ -88,6 +91,7 @@ def test_mfu_is_model_flops_over_the_peak_of_the_compute_dtype():
     assert model_flops_utilization(1e4, 6e9, lookup_peak("NVIDIA B200"), "fp32") is None  # no fp32 figure
 
 
+@pytest.mark.slow
 def test_env_json_states_the_peak_mfu_is_against(tmp_path, token_file):
     cmd = [sys.executable, "-m", "train", *SMOKE, "--train-data", str(token_file), "--out-dir", str(tmp_path)]
     cmd += ["--run-name", "e", "--max-steps", "1", "--sample-tokens", "0", "--quiet"]

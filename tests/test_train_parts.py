@@ -10,12 +10,12 @@ from model import ModelConfig, TransformerLM
 from train import (
     AdamW,
     clip_grad_norm,
-    generate,
     get_batch,
     get_lr_cosine_schedule,
     load_checkpoint,
     save_checkpoint,
 )
+from train.decoding import generate
 
 
 def test_adamw_matches_torch_adamw_over_steps():
