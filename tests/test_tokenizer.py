@@ -160,6 +160,7 @@ def test_exact_tiktoken_ids_on_gpt2(gpt2, tiktoken_gpt2, shared_data):
         assert gpt2.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_native_and_python_trainers_agree_on_a_larger_corpus(shared_data, tmp_path):
     path = tmp_path / "n.txt"
     with open(shared_data / "novels100.txt", "rb") as f:

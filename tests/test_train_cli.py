@@ -107,6 +107,7 @@ def test_resume_gives_the_same_losses(tmp_path, token_file, one_thread):
     assert kept == ["step_00000008.pt", "step_00000012.pt"]  # keep_checkpoints=2
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_and_resume_completes(tmp_path, token_file):
     cmd = [
         sys.executable,
@@ -198,6 +199,7 @@ def test_triton_without_gpu_points_to_torch(tmp_path, token_file, capsys, monkey
     assert "--kernels torch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_triton_kernels_train_with_the_fused_optimizer(tmp_path, token_file, monkeypatch):
     # Through Triton's interpreter on the CPU: the model's kernels and the fused AdamW step.
     from kernels import adamw
@@ -479,6 +481,7 @@ def test_dataset_without_network_explains(tmp_path):
         fetch_dataset("tinystories", tmp_path, mirror="http://127.0.0.1:9", progress=False)
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, token_file):
     common = [
         "-m",
@@ -527,6 +530,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, token_file):
     assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_fsdp_two_gloo_processes_match_one_process_and_resume(tmp_path, token_file):
     common = [
         "-m",

@@ -24,7 +24,14 @@ def test_same_state_dict_keys_and_shapes():
     assert b.kernels == "triton"
 
 
-@pytest.mark.parametrize("ablation", [{}, dict(use_rope=False), dict(post_norm=True)])
+@pytest.mark.parametrize(
+    "ablation",
+    [
+        {},
+        pytest.param(dict(use_rope=False), marks=pytest.mark.slow),
+        pytest.param(dict(post_norm=True), marks=pytest.mark.slow),
+    ],
+)
 def test_triton_and_torch_backends_train_to_the_same_losses(ablation):
     cfg = tiny(**ablation)
     torch.manual_seed(0)
