@@ -103,8 +103,10 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
     while done_kills < kills:
         started = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Anywhere from start-up to a dozen steps (six checkpoint writes) into training.
-        time.sleep(rng.uniform(0.2, startup + 12 * step_s))
+        # A third of the kills during start-up (imports, resume), the rest within a dozen steps
+        # (six checkpoint writes) of training.
+        in_startup = rng.random() < 1 / 3
+        time.sleep(rng.uniform(0.2, startup) if in_startup else startup + rng.uniform(0, 12 * step_s))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             done_kills += 1
