@@ -19,14 +19,12 @@ import typing
 from dataclasses import fields
 
 from model.config import ModelConfig
-from train.config import PRESETS, RunConfig, preset, read_settings_file
+from train.config import CONFIG_DERIVED_KEYS, PRESETS, RunConfig, preset, read_settings_file
 from train.errors import EXIT_INTERNAL, EXIT_USAGE, EXIT_USER_ERROR, STATUS_EXIT, StopRequested, UserError
 from train.run_dir import USER_OS_ERRNOS
 
 # The time budget counts from here: the process's own start, data preparation included.
 PROCESS_START = time.time()
-# Keys of a run's config.json (and of --print-config output) that are not settings.
-NOT_SETTINGS = ("max_steps", "world_size", "flops_per_token", "tokenizer_dir", "params", "data", "resumes")
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -108,7 +106,7 @@ def _load_config_file(path: str) -> tuple[str | None, dict]:
     data = read_settings_file(path)
     flat = {}
     for k, v in data.items():
-        if k == "preset" or k in NOT_SETTINGS:
+        if k == "preset" or k in CONFIG_DERIVED_KEYS:
             continue
         if isinstance(v, dict):  # [model] / [run] sections
             flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
@@ -168,7 +166,7 @@ def _user_error(e: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     try:
         preset_name, model_cfg, run_cfg, args = resolve(argv)
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # UserError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     if args.print_config:

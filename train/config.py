@@ -135,6 +135,9 @@ class RunConfig:
         return asdict(self)
 
 
+# Keys a run's config.json holds beside its settings (derived, or the run's history): --config skips them.
+CONFIG_DERIVED_KEYS = ("max_steps", "world_size", "flops_per_token", "tokenizer_dir", "params", "data", "resumes")
+
 # Settings a resumed run may change: they alter neither the model, nor the data stream (a pure
 # function of seed, batch size and data), nor the tokenizer. Everything else, every model field
 # included, must match the checkpoint, or the resume is refused with the list of differences.

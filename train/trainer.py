@@ -61,8 +61,6 @@ from train.stopping import StopControl
 
 # Settings holding paths: compared on resume as absolute paths, whatever directory the run starts in.
 PATH_SETTINGS = ("train_data", "valid_data", "train_text", "valid_text", "tokenizer", "init_from")
-# config.json keys that are derived from the settings, not settings: --config ignores them.
-DERIVED_KEYS = ("max_steps", "world_size", "flops_per_token", "tokenizer_dir", "params", "data", "resumes")
 
 
 def resolve_device(requested: str | None) -> torch.device:
