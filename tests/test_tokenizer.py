@@ -426,3 +426,36 @@ def test_lone_surrogates_replaced_like_tiktoken(gpt2, tiktoken_gpt2):
         assert gpt2.encode(text) == tiktoken_gpt2.encode(text), ascii(text)
     pieces = ["x \ud83d", "\ude00 y\ud800", "", "q"]
     assert list(gpt2.encode_iterable(pieces)) == gpt2.encode("".join(pieces))
+
+
+def test_encoder_caches_give_the_same_ids_cold_and_warm(shared_data, tiktoken_gpt2):
+    """Thousands of distinct pretokens of 1-24 bytes (the flat cache holds <= 16 bytes and <= 3 ids,
+    longer ones go to the map), NUL and multi-byte characters inside keys, enough to grow the flat
+    table several times: first pass all misses, second all hits, both tiktoken's ids; the uint32
+    array form agrees."""
+    tok = Tokenizer.from_files(shared_data / "gpt2_vocab.json", shared_data / "gpt2_merges.txt", [EOT])
+    rng = random.Random(7)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzQX") + ["\x00", "é", "日", "🙃", "\x7f"]
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24))) for _ in range(20_000)]
+    text = " ".join(words) + f"{EOT}tail " + " ".join(words[:500])
+    want = tiktoken_gpt2.encode(text, allowed_special="all")
+    assert tok.encode(text) == want
+    assert tok._native_encoder().cache_size() > 4096  # grown past its first table
+    assert tok.encode(text) == want
+    assert tok.encode_array(text).tolist() == want
+    assert python_only(tok).encode(text) == want
+
+
+@pytest.mark.parametrize("special", [EOT, "aa", "a", "aba"])
+def test_single_special_split_equals_the_pattern(special):
+    """One special token splits with str.split: the same parts as the longest-first pattern,
+    overlapping candidates ("aaa" with "aa", "ababa" with "aba") included."""
+    import regex
+
+    from tokenizer.pretokenize import special_splitter, split_on_specials
+
+    fast, pattern = special_splitter([special]), regex.compile("(" + regex.escape(special) + ")")
+    rng = random.Random(5)
+    for _ in range(2000):
+        text = "".join(rng.choice(["a", "b", special, "<|", "|>", " "]) for _ in range(rng.randint(0, 20)))
+        assert split_on_specials(text, fast) == pattern.split(text), text

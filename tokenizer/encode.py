@@ -86,7 +86,7 @@ def _init_worker(tok_dir: str, in_pool: bool = False) -> None:
 def _encode_piece(args: tuple[str, int, int, str]) -> np.ndarray:
     path, start, end, dtype = args
     text = read_text(path, start, end)
-    return np.asarray(_worker_tok.encode(text), dtype=dtype)
+    return np.frombuffer(_worker_tok.encode_array(text), dtype=np.uint32).astype(dtype)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

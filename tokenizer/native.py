@@ -40,10 +40,39 @@ def char_class_table() -> bytes:
     cps = cps[(cps < 0xD800) | (cps > 0xDFFF)]  # surrogates never occur in decoded text
     text = cps.astype("<u4").tobytes().decode("utf-32-le")
     table = np.zeros(0x110000, dtype=np.uint8)
-    for cls, pat in ((1, r"\p{L}"), (2, r"\p{N}"), (3, r"\s")):
-        hits = np.fromiter((m.start() for m in regex.finditer(pat, text)), dtype=np.int64)
-        table[cps[hits]] = cls
+    for cls, pat in ((1, r"\p{L}+"), (2, r"\p{N}+"), (3, r"\s+")):  # runs: thousands of matches, not 10^5
+        for m in regex.finditer(pat, text):
+            table[cps[m.start() : m.end()]] = cls
     return table.tobytes()
+
+
+def _cache_dir(cache_dir: Path | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("FASTLM_CACHE") or Path.home() / ".cache" / "fastlm")
+
+
+def cached_char_class_table(cache_dir: Path | None = None) -> bytes:
+    """``char_class_table()``, kept in the cache directory per ``regex`` and Unicode version (it
+    takes ~0.2 s to compute, a first encode's largest fixed cost; reading it back takes ~1 ms)."""
+    import unicodedata
+
+    import regex
+
+    path = _cache_dir(cache_dir) / f"char_classes-{regex.__version__}-{unicodedata.unidata_version}.bin"
+    try:
+        table = path.read_bytes()
+        if len(table) == 0x110000:
+            return table
+    except OSError:
+        pass
+    table = char_class_table()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(table)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: computed again next time
+    return table
 
 
 def _pybind11_include() -> str:
@@ -63,7 +92,7 @@ def _pybind11_include() -> str:
 
 def build(cache_dir: Path | None = None) -> Path:
     """Compile the core (if not cached) and return the path of the shared library."""
-    cache = Path(cache_dir or os.environ.get("FASTLM_CACHE") or Path.home() / ".cache" / "fastlm")
+    cache = _cache_dir(cache_dir)
     src = SOURCE.read_bytes()
     flags = ["-O3", "-DNDEBUG", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
     tag = hashlib.sha256(src + sys.version.encode() + " ".join(flags).encode()).hexdigest()[:12]
@@ -113,7 +142,7 @@ def load():
             spec = importlib.util.spec_from_file_location(NAME, path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
-            mod.set_char_classes(char_class_table())
+            mod.set_char_classes(cached_char_class_table())
             _module = mod
         except Exception as e:
             warnings.warn(

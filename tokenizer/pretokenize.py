@@ -30,15 +30,34 @@ def read_text(path: str | os.PathLike, start: int, end: int) -> str:
         ) from None
 
 
-def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | None:
+class _OneSpecial:
+    """The splitter for a single special token: ``str.split`` (a memchr-speed scan, several times
+    faster than the pattern on long texts) re-interleaved with the token. Both take the leftmost
+    non-overlapping occurrences, so the parts are the pattern's."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def split(self, text: str) -> list[str]:
+        pieces = text.split(self.token)
+        if len(pieces) == 1:
+            return pieces
+        out = [self.token] * (2 * len(pieces) - 1)
+        out[::2] = pieces
+        return out
+
+
+def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | _OneSpecial | None:
     """A pattern that matches any special token, longest first (so "<|eot|><|eot|>" wins over "<|eot|>")."""
     specials = sorted(set(special_tokens), key=len, reverse=True)
     if not specials:
         return None
+    if len(specials) == 1:
+        return _OneSpecial(specials[0])
     return regex.compile("(" + "|".join(regex.escape(s) for s in specials) + ")")
 
 
-def split_on_specials(text: str, splitter: regex.Pattern | None) -> list[str]:
+def split_on_specials(text: str, splitter: regex.Pattern | _OneSpecial | None) -> list[str]:
     """Alternating [text, special, text, special, ..., text]: odd positions are special tokens."""
     if splitter is None:
         return [text]

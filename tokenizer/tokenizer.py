@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import regex
+
 from tokenizer import native
 from tokenizer.pretokenize import PRETOKEN_RE, special_splitter, split_on_specials
 from tokenizer.special import validate_special_tokens
@@ -86,13 +88,22 @@ class Tokenizer:
         self._byte_ids = [self.byte_to_id[bytes([i])] for i in range(256)]
         # Merge ranks over ids: the pair (id_a, id_b) merges into id_ab with priority rank.
         self._ranks: dict[tuple[int, int], tuple[int, int]] = {}
+        self._merge_ids: list[tuple[int, int, int]] = []  # (id_a, id_b, id_ab) in rank order
         for rank, (a, b) in enumerate(self.merges):
             try:
                 ia, ib, iab = self.byte_to_id[a], self.byte_to_id[b], self.byte_to_id[a + b]
             except KeyError:
                 raise ValueError(f"merge {a!r} + {b!r} refers to bytes missing from the vocab") from None
             self._ranks.setdefault((ia, ib), (rank, iab))
+            self._merge_ids.append((ia, ib, iab))
         self._splitter = special_splitter(self.special_tokens)
+        # The same split over UTF-8 bytes, for the compiled encoder (UTF-8 is self-synchronising:
+        # a token's bytes match in the text's bytes exactly where the token matches in the text).
+        self._special_by_bytes = {s.encode("utf-8"): self.special_ids[s] for s in self.special_tokens}
+        longest_first = sorted(self._special_by_bytes, key=len, reverse=True)
+        self._special_bytes_re = None
+        if longest_first:
+            self._special_bytes_re = regex.compile(b"|".join(regex.escape(b) for b in longest_first))
         self._cache: dict[str, list[int]] = {}
         self._encoder = None  # the compiled encoder, built on first use (None: pure Python)
         self._encoder_tried = False
@@ -170,17 +181,14 @@ class Tokenizer:
         if not self._encoder_tried:
             self._encoder_tried = True
             core = native.load()
-            if core is not None:
-                merges = [
-                    (ia, ib, iab) for (ia, ib), (rank, iab) in sorted(self._ranks.items(), key=lambda kv: kv[1][0])
-                ]
-                self._encoder = core.Encoder(self._byte_ids, merges)
+            if core is not None:  # a repeated pair keeps its first rank there too
+                self._encoder = core.Encoder(self._byte_ids, self._merge_ids)
         return self._encoder
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
         enc = self._native_encoder()
         if enc is not None:
-            out.extend(_ids(enc.encode(text.encode("utf-8"))))
+            out.extend(enc.encode_list(text.encode("utf-8")))
             return
         bpe = self._bpe
         for piece in PRETOKEN_RE.findall(text):
@@ -194,7 +202,38 @@ class Tokenizer:
         except UnicodeEncodeError:
             return self._encode(replace_lone_surrogates(text))
 
+    def _special_spans(self, raw: bytes) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each special token in UTF-8 bytes, longest first, left to right."""
+        if self._special_bytes_re is None:
+            return []
+        if len(self._special_by_bytes) == 1:  # bytes.find: several times the pattern's speed
+            ((tok, tid),) = self._special_by_bytes.items()
+            spans, i = [], raw.find(tok)
+            while i >= 0:
+                spans.append((i, i + len(tok), tid))
+                i = raw.find(tok, i + len(tok))
+            return spans
+        return [(m.start(), m.end(), self._special_by_bytes[m.group()]) for m in self._special_bytes_re.finditer(raw)]
+
+    def encode_array(self, text: str) -> array.array:
+        """``encode(text)`` as an ``array('I')`` of uint32 (the corpus encoder's form): with the
+        compiled core the ids never become Python ints."""
+        enc = self._native_encoder()
+        if enc is None:
+            return array.array("I", self.encode(text))
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = replace_lone_surrogates(text).encode("utf-8")
+        out = array.array("I")
+        out.frombytes(enc.encode(raw, self._special_spans(raw)))
+        return out
+
     def _encode(self, text: str) -> list[int]:
+        enc = self._native_encoder()
+        if enc is not None:  # one call: the specials' spans found over the bytes, one list built
+            raw = text.encode("utf-8")
+            return enc.encode_list(raw, self._special_spans(raw))
         out: list[int] = []
         for i, part in enumerate(split_on_specials(text, self._splitter)):
             if i % 2:
@@ -259,7 +298,7 @@ class Tokenizer:
             if enc is not None:
                 raw = tail.encode("utf-8")
                 ids, consumed = enc.encode_holding(raw, keep)
-                yield from _ids(ids)
+                yield from ids
                 buf = raw[consumed:].decode("utf-8") + buf[p:]
                 continue
             # Matched over the whole tail: a match must see its real next character, not an end.
@@ -404,13 +443,6 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
-
-
-def _ids(raw: bytes) -> list[int]:
-    """The compiled core's ids (native uint32 bytes) as a list of ints."""
-    a = array.array("I")
-    a.frombytes(raw)
-    return a.tolist()
 
 
 _SHORT_PIECE = 32  # longer pieces take the heap: rescanning costs more than it saves past this
