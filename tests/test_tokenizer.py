@@ -11,7 +11,7 @@ import tokenizer.bpe_train as bpe_train
 import tokenizer.encode as encode_mod
 from tokenizer import Tokenizer, train_bpe
 from tokenizer.cli import main as cli_main
-from tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE
+from tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE, SpecialFinder
 
 EOT = "<|endoftext|>"
 
@@ -459,3 +459,60 @@ def test_single_special_split_equals_the_pattern(special):
     for _ in range(2000):
         text = "".join(rng.choice(["a", "b", special, "<|", "|>", " "]) for _ in range(rng.randint(0, 20)))
         assert split_on_specials(text, fast) == pattern.split(text), text
+
+
+def test_native_merges_match_the_oracle_on_repetitive_random_text(tmp_path):
+    """Small alphabets make overlapping occurrences ("aaaa", "abab", "cc" next to a merged "cc"),
+    where only the merged occurrences' neighbours change count: the native loop's local updates
+    and lazy heap against the oracle that recounts everything."""
+    rng = random.Random(11)
+    for trial in range(25):
+        alphabet = rng.choice(["ab ", "abc \n", "a b", "aab  "])
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(50, 400)))
+        path = tmp_path / f"r{trial}.txt"
+        path.write_text(text)
+        _, merges = train_bpe(path, 256 + 40, [], num_workers=1, use_native=True)
+        assert merges == naive_bpe(text, 256 + 40, []), text
+
+
+def test_native_counter_and_merge_progress(tmp_path):
+    from tokenizer import native
+
+    core = native.load()
+    text = ("the cat sat on the mat " * 50 + f"{EOT}<|pad|>a{EOT}").encode()
+    counter = core.PretokenCounter()
+    finder = SpecialFinder([EOT, "<|pad|>"])
+    counter.add_text(text, [(a, b) for a, b, _ in finder.spans(text)])
+    counts = counter.to_dict()
+    assert counts[b" cat"] == 50 and b"<|pad|>" not in counts and EOT.encode() not in counts
+    assert counts == Counter(
+        m.encode() for part in text.decode().split(EOT) for m in PRETOKEN_RE.findall(part.replace("<|pad|>", ""))
+    )
+    seen = []
+    merges = core.merge_counts(counter, 10, seen.append)
+    assert len(merges) == 10 and seen == list(range(1, 11))  # every 0.5% of the merges: each one here
+    assert merges == core.merge(list(counts), list(counts.values()), 10)  # the list form agrees
+    assert len(counter) == len(counts)  # not consumed unless asked
+
+    def boom(done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # raised in the callback: leaves the native loop cleanly
+        core.merge_counts(counter, 20, boom)
+    core.merge_counts(counter, 20, None, consume=True)
+    assert len(counter) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cli_train_shows_pretokenize_and_merge_progress(tmp_path, shared_data, capsys, monkeypatch, impl):
+    """Both phases report progress on stderr: bytes pretokenized, then merges done (the native
+    merge loop reports through a callback), each bar reaching its total."""
+    if impl == "python":
+        monkeypatch.setenv("FASTLM_NATIVE", "0")
+        monkeypatch.setattr(bpe_train.native, "_tried", True)
+        monkeypatch.setattr(bpe_train.native, "_module", None)
+    args = ["train", "--input", str(shared_data / "corpus.en"), "--vocab-size", "300", "--out", str(tmp_path / "t")]
+    assert cli_main([*args, "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "pretokenize" in err and "100%" in err
+    assert "merges" in err and "44/44" in err

@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 from tokenizer import native
 from tokenizer.pretokenize import (
     PRETOKEN_RE,
+    SpecialFinder,
     boundary_token,
     chunk_boundaries,
+    read_bytes,
     read_text,
     special_splitter,
     split_on_specials,
@@ -34,19 +36,51 @@ CHUNK_BYTES = 8 * 2**20  # per piece for the process pool (each piece costs a pr
 NATIVE_CHUNK_BYTES = 2 * 2**20  # per piece for the threads: small pieces keep peak memory low
 
 
-def _count_chunk(args: tuple[str, int, int, tuple[str, ...], bool]) -> Counter:
-    path, start, end, specials, use_native = args
+def _count_chunk(args: tuple[str, int, int, tuple[str, ...]]) -> Counter:
+    """The pure-Python path's counts of one file piece (run in a pool process)."""
+    path, start, end, specials = args
     text = read_text(path, start, end)
     splitter = special_splitter(specials)
     counts: Counter = Counter()
-    core = native.load() if use_native else None
     for i, part in enumerate(split_on_specials(text, splitter)):
         if i % 2 == 0 and part:
-            if core is not None:
-                counts.update(core.count_pretokens(part.encode("utf-8")))
-            else:
-                counts.update(m.encode("utf-8") for m in PRETOKEN_RE.findall(part))
+            counts.update(m.encode("utf-8") for m in PRETOKEN_RE.findall(part))
     return counts
+
+
+def _jobs(path: str, special_tokens: list[str], chunk_bytes: int) -> list[tuple[int, int]]:
+    bounds = chunk_boundaries(path, chunk_bytes, boundary_token(special_tokens))
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def count_pretokens_native(
+    input_path: str | os.PathLike, special_tokens: list[str], num_workers: int | None = None, progress: bool = False
+):
+    """The compiled core's ``PretokenCounter`` over the file: pieces read and counted by threads
+    (the core releases the GIL), each piece's counts added to one native table. Memory follows
+    the unique pretokens (~50 bytes each plus their bytes), never the corpus."""
+    core = native.load()
+    path = str(input_path)
+    finder = SpecialFinder(special_tokens)
+    counter = core.PretokenCounter()
+    jobs = _jobs(path, special_tokens, NATIVE_CHUNK_BYTES)
+
+    def count(job: tuple[int, int]) -> int:
+        raw = read_bytes(path, *job)
+        counter.add_text(raw, [(a, b) for a, b, _ in finder.spans(raw)])
+        return job[1] - job[0]
+
+    size = jobs[-1][1] if jobs else 0
+    with tqdm(total=size, unit="B", unit_scale=True, desc="pretokenize", disable=not progress) as bar:
+        workers = min(num_workers or os.cpu_count() or 1, max(1, len(jobs)))
+        if workers == 1:
+            for job in jobs:
+                bar.update(count(job))
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for n in pool.map(count, jobs):
+                    bar.update(n)
+    return counter
 
 
 def count_pretokens(
@@ -58,22 +92,21 @@ def count_pretokens(
 ) -> Counter:
     """Counts of every pretoken (as UTF-8 bytes) in the file, documents split on the special tokens.
 
-    With the compiled core the pieces are counted by threads (it releases the GIL: no process
-    start-up, no copies of the counts between processes); without it, by a process pool."""
+    With the compiled core the pieces are counted by threads into one native table (see
+    ``count_pretokens_native``); without it, by a process pool."""
+    if use_native and native.load() is not None:
+        return Counter(count_pretokens_native(input_path, special_tokens, num_workers, progress).to_dict())
     path = str(input_path)
-    use_native = use_native and native.load() is not None
     workers = num_workers or os.cpu_count() or 1
-    bounds = chunk_boundaries(path, NATIVE_CHUNK_BYTES if use_native else CHUNK_BYTES, boundary_token(special_tokens))
-    jobs = [(path, a, b, tuple(special_tokens), use_native) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    jobs = [(path, a, b, tuple(special_tokens)) for a, b in _jobs(path, special_tokens, CHUNK_BYTES)]
     total: Counter = Counter()
-    bar = tqdm(total=bounds[-1], unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
+    bar = tqdm(total=jobs[-1][2] if jobs else 0, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
     if workers == 1 or len(jobs) == 1:
         for job in jobs:
             total.update(_count_chunk(job))
             bar.update(job[2] - job[1])
     else:
-        executor = ThreadPoolExecutor if use_native else ProcessPoolExecutor
-        with executor(max_workers=min(workers, len(jobs))) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             for job, counts in zip(jobs, pool.map(_count_chunk, jobs)):
                 total.update(counts)
                 bar.update(job[2] - job[1])
@@ -182,17 +215,21 @@ def train_bpe(
         raise ValueError(f"training corpus is empty: {path}")
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size {vocab_size} is below 256 byte tokens + {len(special_tokens)} special tokens")
-    counts = count_pretokens(path, special_tokens, num_workers, progress, use_native)
-    if not counts:
-        raise ValueError(f"training corpus has no text outside special tokens: {path}")
     num_merges = vocab_size - 256 - len(special_tokens)
     core = native.load() if use_native else None
     if core is not None:
-        merges = core.merge(list(counts.keys()), list(counts.values()), num_merges)
+        counter = count_pretokens_native(path, special_tokens, num_workers, progress)
+        if len(counter) == 0:
+            raise ValueError(f"training corpus has no text outside special tokens: {path}")
+        with tqdm(total=num_merges, desc="merges", disable=not progress) as bar:
+            merges = core.merge_counts(counter, num_merges, lambda done: bar.update(done - bar.n), consume=True)
         vocab = {i: bytes([i]) for i in range(256)}
         for a, b in merges:
             vocab[len(vocab)] = a + b
     else:
+        counts = count_pretokens(path, special_tokens, num_workers, progress, use_native=False)
+        if not counts:
+            raise ValueError(f"training corpus has no text outside special tokens: {path}")
         vocab, merges = merge_pretokens(counts, num_merges, progress)
     for s in special_tokens:
         vocab[len(vocab)] = s.encode("utf-8")

@@ -47,6 +47,40 @@ class _OneSpecial:
         return out
 
 
+def read_bytes(path: str | os.PathLike, start: int, end: int) -> bytes:
+    """``read_text`` as the UTF-8 bytes themselves (validated the same way, same message)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        read_text(path, start, end)  # raises NotUTF8Error with the offset
+    return raw
+
+
+class SpecialFinder:
+    """Where special tokens occur in UTF-8 bytes: (start, end, token bytes), longest first, left to
+    right, the same matches ``special_splitter`` makes in the text (UTF-8 is self-synchronising:
+    a token's bytes match in the text's bytes exactly where the token matches in the text)."""
+
+    def __init__(self, special_tokens: Iterable[str]):
+        self.tokens = sorted({s.encode("utf-8") for s in special_tokens}, key=len, reverse=True)
+        self._pattern = regex.compile(b"|".join(regex.escape(t) for t in self.tokens)) if len(self.tokens) > 1 else None
+
+    def spans(self, raw: bytes) -> list[tuple[int, int, bytes]]:
+        if not self.tokens:
+            return []
+        if self._pattern is not None:
+            return [(m.start(), m.end(), m.group()) for m in self._pattern.finditer(raw)]
+        tok = self.tokens[0]  # one token: bytes.find, several times the pattern's speed
+        spans, i = [], raw.find(tok)
+        while i >= 0:
+            spans.append((i, i + len(tok), tok))
+            i = raw.find(tok, i + len(tok))
+        return spans
+
+
 def special_splitter(special_tokens: Iterable[str]) -> regex.Pattern | _OneSpecial | None:
     """A pattern that matches any special token, longest first (so "<|eot|><|eot|>" wins over "<|eot|>")."""
     specials = sorted(set(special_tokens), key=len, reverse=True)

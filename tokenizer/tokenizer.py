@@ -20,10 +20,8 @@ from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
-import regex
-
 from tokenizer import native
-from tokenizer.pretokenize import PRETOKEN_RE, special_splitter, split_on_specials
+from tokenizer.pretokenize import PRETOKEN_RE, SpecialFinder, special_splitter, split_on_specials
 from tokenizer.special import validate_special_tokens
 
 
@@ -97,13 +95,8 @@ class Tokenizer:
             self._ranks.setdefault((ia, ib), (rank, iab))
             self._merge_ids.append((ia, ib, iab))
         self._splitter = special_splitter(self.special_tokens)
-        # The same split over UTF-8 bytes, for the compiled encoder (UTF-8 is self-synchronising:
-        # a token's bytes match in the text's bytes exactly where the token matches in the text).
+        self._specials = SpecialFinder(self.special_tokens)  # the same split over bytes, for the core
         self._special_by_bytes = {s.encode("utf-8"): self.special_ids[s] for s in self.special_tokens}
-        longest_first = sorted(self._special_by_bytes, key=len, reverse=True)
-        self._special_bytes_re = None
-        if longest_first:
-            self._special_bytes_re = regex.compile(b"|".join(regex.escape(b) for b in longest_first))
         self._cache: dict[str, list[int]] = {}
         self._encoder = None  # the compiled encoder, built on first use (None: pure Python)
         self._encoder_tried = False
@@ -204,16 +197,8 @@ class Tokenizer:
 
     def _special_spans(self, raw: bytes) -> list[tuple[int, int, int]]:
         """(start, end, id) of each special token in UTF-8 bytes, longest first, left to right."""
-        if self._special_bytes_re is None:
-            return []
-        if len(self._special_by_bytes) == 1:  # bytes.find: several times the pattern's speed
-            ((tok, tid),) = self._special_by_bytes.items()
-            spans, i = [], raw.find(tok)
-            while i >= 0:
-                spans.append((i, i + len(tok), tid))
-                i = raw.find(tok, i + len(tok))
-            return spans
-        return [(m.start(), m.end(), self._special_by_bytes[m.group()]) for m in self._special_bytes_re.finditer(raw)]
+        ids = self._special_by_bytes
+        return [(a, b, ids[t]) for a, b, t in self._specials.spans(raw)]
 
     def encode_array(self, text: str) -> array.array:
         """``encode(text)`` as an ``array('I')`` of uint32 (the corpus encoder's form): with the
