@@ -493,6 +493,8 @@ def test_native_counter_and_merge_progress(tmp_path):
     assert len(merges) == 10 and seen == list(range(1, 11))  # every 0.5% of the merges: each one here
     assert merges == core.merge(list(counts), list(counts.values()), 10)  # the list form agrees
     assert len(counter) == len(counts)  # not consumed unless asked
+    ran_out = []
+    assert len(core.merge_counts(counter, 1000, ran_out.append)) == 12 == ran_out[-1]  # the bar completes
 
     def boom(done):
         raise KeyboardInterrupt
