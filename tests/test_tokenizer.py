@@ -518,3 +518,19 @@ def test_cli_train_shows_pretokenize_and_merge_progress(tmp_path, shared_data, c
     err = capsys.readouterr().err
     assert "pretokenize" in err and "100%" in err
     assert "merges" in err and "44/44" in err
+
+
+def test_cli_train_ctrl_c_exits_130_with_a_message(tmp_path, shared_data, capsys, monkeypatch):
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bpe_train, "train_bpe", interrupted)
+    out = tmp_path / "t"
+    assert (
+        cli_main(["train", "--input", str(shared_data / "corpus.en"), "--vocab-size", "300", "--out", str(out)]) == 130
+    )
+    assert calls and "training stopped by SIGINT: nothing written" in capsys.readouterr().err
+    assert not any(out.iterdir())

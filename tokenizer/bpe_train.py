@@ -77,9 +77,12 @@ def count_pretokens_native(
             for job in jobs:
                 bar.update(count(job))
         else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
                 for n in pool.map(count, jobs):
                     bar.update(n)
+            finally:  # on Ctrl-C: drop the queued pieces, let the running ones (one each) finish
+                pool.shutdown(wait=True, cancel_futures=True)
     return counter
 
 

@@ -27,7 +27,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not os.access(args.out, os.W_OK):
         raise PermissionError(f"output directory is not writable: {args.out}")
     t0 = time.perf_counter()
-    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_token, args.workers, progress=not args.quiet)
+    try:
+        vocab, merges = train_bpe(
+            args.input, args.vocab_size, args.special_token, args.workers, progress=not args.quiet
+        )
+    except KeyboardInterrupt:  # Ctrl-C in either phase (the native merge loop checks for it too)
+        print(f"error: training stopped by SIGINT: nothing written to {args.out}", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - t0
     tok = Tokenizer(vocab, merges, args.special_token)
     out = tok.save(args.out)
@@ -48,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     print(f"trained {len(vocab)} tokens ({len(merges)} merges) in {seconds:.2f} s -> {out}")
-    print(f"peak memory: main {own:.0f} MB, largest worker {child:.0f} MB")
+    # The compiled core counts in threads of this process; worker processes only without it.
+    print(f"peak memory: {own:.0f} MB" + (f", largest worker process {child:.0f} MB" if child else ""))
     print("longest tokens: " + ", ".join(repr(b.decode("utf-8", errors="replace")) for b in longest))
     return 0
 
@@ -64,9 +71,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     own, child = _peak_rss_mb()
     print(
         f"{meta['tokens']:,} tokens ({meta['dtype']}) from {meta['bytes'] / 1e6:.1f} MB in {meta['seconds']:.2f} s "
-        f"= {meta['mb_per_s']:.2f} MB/s with {meta['workers']} workers -> {args.out}"
+        f"= {meta['mb_per_s']:.2f} MB/s with {meta['workers']} worker{'s' * (meta['workers'] != 1)} -> {args.out}"
     )
-    print(f"peak memory: main {own:.0f} MB, largest worker {child:.0f} MB")
+    print(f"peak memory: {own:.0f} MB" + (f", largest worker process {child:.0f} MB" if child else ""))
     return 0
 
 
