@@ -104,24 +104,26 @@ def test_bpe_training_vs_hf_tokenizers(benchmark, tmp_path_factory, results, qui
     benchmark.extra_info.update(row)
 
 
+def _tiktoken_gpt2(tiktoken):
+    """tiktoken's encoder over GPT-2's files (offline: the same ranks and pattern as ours)."""
+    from tokenizer.pretokenize import GPT2_PATTERN
+    from tokenizer.tokenizer import _from_printable
+
+    vocab = json.loads((GPT2 / "gpt2_vocab.json").read_text())
+    ranks = {_from_printable(k): v for k, v in vocab.items() if k != EOT}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+
+
 def test_encoding_vs_tiktoken(benchmark, results, quick):
     tiktoken = pytest.importorskip("tiktoken")
     from tokenizer import Tokenizer
-    from tokenizer.pretokenize import GPT2_PATTERN
-    from tokenizer.tokenizer import _from_printable
 
     n_bytes = (4 if quick else 23) * 10**6
     with open(CORPUS, "rb") as f:
         text = f.read(n_bytes).decode("utf-8", errors="ignore")
     mb = len(text.encode()) / 1e6
     tok = Tokenizer.from_files(GPT2 / "gpt2_vocab.json", GPT2 / "gpt2_merges.txt", [EOT])
-    vocab = json.loads((GPT2 / "gpt2_vocab.json").read_text())
-    enc = tiktoken.Encoding(
-        "gpt2",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks={_from_printable(k): v for k, v in vocab.items() if k != EOT},
-        special_tokens={EOT: 50256},
-    )
+    enc = _tiktoken_gpt2(tiktoken)
     timed = {}
 
     def ours_encode():
@@ -162,21 +164,13 @@ def test_encoding_without_whitespace_vs_tiktoken(benchmark, results, quick):
 
     tiktoken = pytest.importorskip("tiktoken")
     from tokenizer import Tokenizer
-    from tokenizer.pretokenize import GPT2_PATTERN
-    from tokenizer.tokenizer import _from_printable
 
     rng = random.Random(0)
     rows = []
+    enc = _tiktoken_gpt2(tiktoken)  # no state across calls: one for both texts
     for name, alphabet in (("letters", string.ascii_letters), ("base64", string.ascii_letters + string.digits + "+/")):
         text = "".join(rng.choice(alphabet) for _ in range(10**6))
         tok = Tokenizer.from_files(GPT2 / "gpt2_vocab.json", GPT2 / "gpt2_merges.txt", [EOT])
-        vocab = json.loads((GPT2 / "gpt2_vocab.json").read_text())
-        enc = tiktoken.Encoding(
-            "gpt2",
-            pat_str=GPT2_PATTERN,
-            mergeable_ranks={_from_printable(k): v for k, v in vocab.items() if k != EOT},
-            special_tokens={EOT: 50256},
-        )
         timed = {}
 
         def ours_encode(text=text, tok=tok, timed=timed):

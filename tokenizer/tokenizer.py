@@ -179,10 +179,7 @@ class Tokenizer:
         return self._encoder
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
-        enc = self._native_encoder()
-        if enc is not None:
-            out.extend(enc.encode_list(text.encode("utf-8")))
-            return
+        """The pure-Python path's ids of text without special tokens (the core encodes in ``_encode``)."""
         bpe = self._bpe
         for piece in PRETOKEN_RE.findall(text):
             out.extend(bpe(piece))

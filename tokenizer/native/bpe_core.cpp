@@ -239,12 +239,6 @@ class PretokenCounter {
   std::mutex mu_;
 };
 
-py::object count_pretokens(py::bytes text) {
-  PretokenCounter c;
-  c.add_text(text, {});
-  return c.to_dict();
-}
-
 // --- training: merges ----------------------------------------------------------------------------
 
 // Pair (a, b) -> a dense index, open addressing over the pair keys; per index its count, the words
@@ -861,7 +855,6 @@ void set_char_classes(py::bytes table) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlm BPE core: pretokenization, counting, merges, encoding";
   m.def("set_char_classes", &set_char_classes, "one byte per code point: 0 other, 1 letter, 2 number, 3 whitespace");
-  m.def("count_pretokens", &count_pretokens, "pretoken (UTF-8 bytes) -> count, for one text without special tokens");
   py::class_<PretokenCounter>(m, "PretokenCounter")
       .def(py::init<>())
       .def("add_text", &PretokenCounter::add_text, py::arg("text"), py::arg("specials") = std::vector<std::pair<size_t, size_t>>{},
