@@ -84,6 +84,10 @@ def mount_tmpfs(tmp_path):
 # --- SIGKILL at random moments ------------------------------------------------------------------
 
 
+def _written_since(path: Path, t: float) -> bool:
+    return path.exists() and path.stat().st_mtime > t
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path, token_file):
     kills = int(os.environ.get("FASTLM_FAULT_KILLS", "6"))
@@ -104,15 +108,22 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
         started = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # A third of the kills during start-up (imports, resume), the rest within a dozen steps
-        # (six checkpoint writes) of training.
+        # (six checkpoint writes) of training: those wait for this process's first metrics write
+        # (a resume takes longer than the reference run's start, more so on a loaded machine).
         in_startup = rng.random() < 1 / 3
-        time.sleep(rng.uniform(0.2, startup) if in_startup else startup + rng.uniform(0, 12 * step_s))
+        if in_startup:
+            time.sleep(rng.uniform(0.2, startup))
+        else:
+            deadline = time.time() + 300
+            while proc.poll() is None and time.time() < deadline and not _written_since(mfile, started):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 12 * step_s))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             done_kills += 1
             proc.wait(timeout=60)
             # In training: this process logged a row. Mid-write: it left a checkpoint's temporary.
-            in_training += mfile.exists() and mfile.stat().st_mtime > started
+            in_training += _written_since(mfile, started)
             mid_write += any((tmp_path / "killed" / "checkpoints").glob("*.tmp"))
         proc.wait(timeout=60)
         summary = tmp_path / "killed" / "summary.json"
