@@ -199,3 +199,64 @@ def test_encoding_without_whitespace_vs_tiktoken(benchmark, results, quick):
     for row in rows:
         results.add(**row)
     benchmark.extra_info.update(rows=rows)
+
+
+ZIPF_GB = (0.25, 1.0, 4.0)  # the issue's sizes; --bench-quick runs a 16x smaller ladder, BENCH_ZIPF_GB="a,b,c" any
+
+
+def _zipf_corpus(gb: float) -> Path:
+    """The deterministic Zipf corpus of ``gb`` GB (``tokenizer.zipf_corpus``, seed 0), kept across
+    runs in ``$BENCH_ZIPF_DIR`` (default ``~/.cache/fastlm/zipf``): the 4 GB one takes minutes to
+    write and the same bytes every time."""
+    from tokenizer.zipf_corpus import write_corpus
+
+    root = Path(os.environ.get("BENCH_ZIPF_DIR") or Path.home() / ".cache" / "fastlm" / "zipf")
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"zipf_{gb:g}gb_seed0.txt"
+    if not path.exists():
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        write_corpus(str(tmp), int(gb * 1e9))
+        os.replace(tmp, path)
+    return path
+
+
+def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, results, quick):
+    """Training time per GB and peak memory over corpora 16x apart in size (one worker, vocab
+    10,000): the merge loop's cost follows the unique pretokens, which a Zipf tail makes grow far
+    slower than the corpus, so time per GB falls with size; the goal is a spread within 1.3x and
+    peak memory within 1.5x between the two largest."""
+    if os.environ.get("BENCH_ZIPF_GB"):
+        sizes = tuple(float(g) for g in os.environ["BENCH_ZIPF_GB"].split(","))
+    else:
+        sizes = tuple(gb / 16 for gb in ZIPF_GB) if quick else ZIPF_GB
+    assert len(sizes) >= 2, "BENCH_ZIPF_GB needs two sizes or more"
+    rows = []
+    for gb in sizes:
+        corpus = _zipf_corpus(gb)
+        out = tmp_path_factory.mktemp("zipf")
+        cmd = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "10000"]
+        cmd += ["--special-token", EOT, "--out", str(out), "--workers", "1", "--quiet"]
+        measured = {}
+        if not rows:
+            benchmark.pedantic(lambda c=cmd, m=measured: m.update(run=_run_measured(c)), rounds=1, iterations=1)
+        else:
+            measured["run"] = _run_measured(cmd)
+        wall, _ = measured["run"]
+        meta = json.loads((out / "meta.json").read_text())
+        real_gb = corpus.stat().st_size / 1e9
+        rows.append(dict(gb=real_gb, wall_s=wall, s_per_gb=wall / real_gb, peak_mb=meta["peak_rss_mb_main"]))
+    per_gb = [r["s_per_gb"] for r in rows]
+    row = dict(
+        kind="tokenizer_train_scaling",
+        corpus="zipf_seed0",
+        vocab_size=10000,
+        workers=1,
+        sizes_gb=[r["gb"] for r in rows],
+        wall_s=[r["wall_s"] for r in rows],
+        s_per_gb=per_gb,
+        peak_mb=[r["peak_mb"] for r in rows],
+        s_per_gb_spread=max(per_gb) / min(per_gb),
+        peak_ratio_largest_two=rows[-1]["peak_mb"] / rows[-2]["peak_mb"],
+    )
+    results.add(**row)
+    benchmark.extra_info.update(row)

@@ -520,6 +520,28 @@ def test_cli_train_shows_pretokenize_and_merge_progress(tmp_path, shared_data, c
     assert "merges" in err and "44/44" in err
 
 
+def test_cli_first_run_compiles_before_the_clock_and_reports_no_compiler_as_a_worker(tmp_path, shared_data):
+    """A fresh machine's first ``train`` builds the core: the compiler is a child process, and its
+    peak memory (hundreds of MB) was reported as "largest worker process" and counted by the
+    benchmark as worker memory. The core is now built before the work is measured."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FASTLM_CACHE": str(tmp_path / "cache")}  # empty: this run compiles
+    args = ["--input", str(shared_data / "corpus.en"), "--vocab-size", "300", "--quiet"]
+    r = subprocess.run(
+        [sys.executable, "-m", "tokenizer", "train", *args, "--out", str(tmp_path / "t"), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert list((tmp_path / "cache").glob("fastlm_bpe_core-*")), "the run should have built the core"
+    assert "worker" not in r.stdout.split("peak memory:")[1].splitlines()[0], r.stdout
+    assert json.loads((tmp_path / "t" / "meta.json").read_text())["peak_rss_mb_largest_worker"] == 0
+
+
 def test_cli_train_ctrl_c_exits_130_with_a_message(tmp_path, shared_data, capsys, monkeypatch):
     calls = []
 

@@ -328,11 +328,16 @@ class MergeTrainer {
       for (unsigned char c : counts.key(e)) data_.push_back(c);
     }
     if (consume) counts.clear();  // its words now live here: free the pretoken table's memory
+    // Every pair here is of two bytes: a direct table finds its index without hashing (this
+    // loop: 0.33 -> 0.15 s over 1.7M words).
+    std::vector<uint32_t> byte_pair(1 << 16, PairIndex::kNone);
     for (uint32_t w = 0; w < data_.size(); w += kHeader + data_[w + 2]) {
       const uint32_t* s = &data_[w + kHeader];
       const int64_t f = freq(w);
       for (uint32_t j = 0; j + 1 < data_[w + 2]; ++j) {
-        uint32_t p = pairs_.get(key(s[j], s[j + 1]));
+        uint32_t& known = byte_pair[(s[j] << 8) | s[j + 1]];
+        if (known == PairIndex::kNone) known = pairs_.get(key(s[j], s[j + 1]));
+        const uint32_t p = known;
         pairs_.count[p] += f;
         auto& ws = pairs_.words[p];
         if (ws.empty() || ws.back() != w) ws.push_back(w);
@@ -387,9 +392,10 @@ class MergeTrainer {
   }
 
   // A merge touches few distinct pairs (the merged symbols' neighbours), over and over: a small
-  // direct-mapped memo, valid for one merge, answers most lookups from L1.
+  // direct-mapped memo (64 KB, in L2; 16 KB measured ~4% slower), valid for one merge, answers
+  // most lookups without probing the pair table.
   uint32_t pair_of_step(uint64_t k, int m) {
-    Memo& e = memo_[size_t((k * 0x9E3779B97F4A7C15ull) >> 54)];
+    Memo& e = memo_[size_t((k * 0x9E3779B97F4A7C15ull) >> 52)];
     if (e.step == m && e.key == k) return e.pair;
     e = Memo{k, pairs_.get(k), m};
     return e.pair;
@@ -405,9 +411,14 @@ class MergeTrainer {
     std::vector<uint32_t> words;
     words.swap(pairs_.words[merged]);  // the pair never occurs again: its list is done with
     created_.clear();
-    // The words are scattered in memory: each is prefetched 24 visits ahead (measured: 8 and 48 slower).
+    // The words are scattered in memory: each is prefetched 24 visits ahead (measured: 8 and 48
+    // slower), both cache lines a word of up to 11 symbols can straddle (the second line: -12%).
     for (size_t i = 0; i < words.size(); ++i) {
-      if (i + 24 < words.size()) __builtin_prefetch(&data_[words[i + 24]]);
+      if (i + 24 < words.size()) {
+        const uint32_t* next = &data_[words[i + 24]];
+        __builtin_prefetch(next);
+        __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(next) + 60));
+      }
       const uint32_t w = words[i];
       uint32_t* head = &data_[w];
       if (head[3] == uint32_t(m)) continue;  // visited in this merge
@@ -445,7 +456,7 @@ class MergeTrainer {
   std::vector<uint32_t> data_;
   PairIndex pairs_;
   struct Memo { uint64_t key = 0; uint32_t pair = 0; int step = -1; };
-  std::vector<Memo> memo_ = std::vector<Memo>(1024);
+  std::vector<Memo> memo_ = std::vector<Memo>(4096);
   std::vector<Candidate> heap_;
   std::vector<uint32_t> created_;
 };
