@@ -264,12 +264,13 @@ RESTART_BOUND_S = 30
 def test_time_limited_sweep_task_finishes_over_several_allocations(slurm, tmp_path):
     """A task whose run needs about three allocations of its time limit requeues itself at each
     time budget and finishes at the same step, with the same logged steps, as an unlimited run."""
-    steps = 400
+    steps = 800
     path = write_sweep(
         tmp_path, "lim", {"lr": [3e-3]}, steps, log_interval=50, eval_interval=1000, checkpoint_interval=1000
     )
-    # A 1-minute limit with 47 s held back: each allocation gets a --time-budget of about 12 s
-    # (about 150 steps here). USR1 at 5 s before the limit, after the budget.
+    # A 1-minute limit with 47 s held back: each allocation gets a --time-budget of about 13 s, of
+    # which ~8 s of steps: 160-270 steps at 30-50 ms a step, so 800 take 3-5 allocations (400 steps
+    # once took only 2 on an idle machine, at 34 ms). USR1 at 5 s before the limit, after the budget.
     # OMP_NUM_THREADS=4 in the submitting shell: the task still uses its one allocated CPU.
     env = {**slurm, "FASTLM_TIME_RESERVE": "47", "SBATCH_SIGNAL": "USR1@5", "OMP_NUM_THREADS": "4"}
     name = f"t-lim-{os.getpid()}"
