@@ -262,7 +262,7 @@ RESTART_BOUND_S = 30
 
 @pytest.mark.slow
 def test_time_limited_sweep_task_finishes_over_several_allocations(slurm, tmp_path):
-    """A task whose run needs about three allocations of its time limit requeues itself at each
+    """A task whose run needs three to five allocations of its time limit requeues itself at each
     time budget and finishes at the same step, with the same logged steps, as an unlimited run."""
     steps = 800
     path = write_sweep(

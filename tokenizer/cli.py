@@ -28,7 +28,8 @@ def _prepare() -> int:
 def _peak_rss_mb(children_before: int) -> tuple[float, float]:
     """(this process, the largest worker process) peak resident memory in MB (Linux reports KiB).
     The children's peak is a maximum over every child ever waited for: a worker is reported only
-    when it raised that maximum above ``children_before`` (0 when none did)."""
+    when it raised that maximum above ``children_before`` (0 when none did; on a machine's first
+    run, workers smaller than the compiler go unreported)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child = _children_peak_kib()
     return own, (child / 1024 if child > children_before else 0.0)
@@ -42,9 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not os.access(args.out, os.W_OK):
         raise PermissionError(f"output directory is not writable: {args.out}")
-    children_before = _prepare()
-    t0 = time.perf_counter()
     try:
+        # A missing input fails in train_bpe at once, not after a first run's compile.
+        children_before = _prepare() if Path(args.input).is_file() else _children_peak_kib()
+        t0 = time.perf_counter()
         vocab, merges = train_bpe(
             args.input, args.vocab_size, args.special_token, args.workers, progress=not args.quiet
         )
@@ -80,7 +82,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from tokenizer.encode import Interrupted, encode_file
 
-    children_before = _prepare()
+    try:
+        children_before = _prepare()
+    except KeyboardInterrupt:  # during a first run's compile
+        print(f"error: encode stopped by SIGINT: nothing written to {args.out}", file=sys.stderr)
+        return 130
     try:
         meta = encode_file(args.tokenizer, args.input, args.out, args.workers, progress=not args.quiet)
     except Interrupted as e:
