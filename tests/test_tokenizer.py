@@ -1,7 +1,10 @@
 """BPE trainer and Tokenizer: an independent naive oracle, tiktoken's GPT-2 ids, streaming, files."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -524,10 +527,6 @@ def test_cli_first_run_compiles_before_the_clock_and_reports_no_compiler_as_a_wo
     """A fresh machine's first ``train`` builds the core: the compiler is a child process, and its
     peak memory (hundreds of MB) was reported as "largest worker process" and counted by the
     benchmark as worker memory. The core is now built before the work is measured."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "FASTLM_CACHE": str(tmp_path / "cache")}  # empty: this run compiles
     args = ["--input", str(shared_data / "corpus.en"), "--vocab-size", "300", "--quiet"]
     r = subprocess.run(
