@@ -406,6 +406,17 @@ class MergeTrainer {
     }
   }
 
+  // visit(s, key_of(s)) for each symbol of `t`, the pair table's slot of each prefetched kAhead
+  // visits before (the first kAhead at once: most merges touch fewer pairs than that).
+  template <class KeyOf, class Visit>
+  void each_prefetched(const std::vector<uint32_t>& t, KeyOf key_of, Visit visit) const {
+    for (size_t i = 0; i < std::min(kAhead, t.size()); ++i) pairs_.prefetch(key_of(t[i]));
+    for (size_t i = 0; i < t.size(); ++i) {
+      if (i + kAhead < t.size()) pairs_.prefetch(key_of(t[i + kAhead]));
+      visit(t[i], key_of(t[i]));
+    }
+  }
+
   void apply(uint32_t merged) {
     const uint64_t k = pairs_.pair[merged];
     const uint32_t a = uint32_t(k >> 32), b = uint32_t(k);
@@ -456,18 +467,16 @@ class MergeTrainer {
       }
       head[2] = o;
     }
-    // Existing pairs: each one's net change, its slot prefetched kAhead lookups ahead.
+    // Existing pairs: each one's net change.
     for (Family fam : {kLeftA, kRightB}) {
       auto& t = touched_[fam];
       auto key_of = [&](uint32_t s) { return fam == kLeftA ? key(s, a) : key(b, s); };
-      for (size_t i = 0; i < std::min<size_t>(kAhead, t.size()); ++i) pairs_.prefetch(key_of(t[i]));
-      for (size_t i = 0; i < t.size(); ++i) {
-        if (i + kAhead < t.size()) pairs_.prefetch(key_of(t[i + kAhead]));
-        Delta& e = fam_[fam][t[i]];
-        e.pair = pairs_.find(key_of(t[i]));
+      each_prefetched(t, key_of, [&](uint32_t s, uint64_t k) {
+        Delta& e = fam_[fam][s];
+        e.pair = pairs_.find(k);
         if (e.pair == PairIndex::kNone) throw std::logic_error("merge loop: a changed pair is not in the table");
         __builtin_prefetch(&pairs_.count[e.pair]);
-      }
+      });
       for (uint32_t s : t) { const Delta& e = fam_[fam][s]; pairs_.count[e.pair] += e.d; }
       t.clear();
     }
@@ -478,17 +487,14 @@ class MergeTrainer {
     for (Family fam : {kLeftC, kRightC}) {
       auto& t = touched_[fam];
       auto key_of = [&](uint32_t s) { return fam == kLeftC ? key(s, c) : key(c, s); };
-      for (size_t i = 0; i < std::min<size_t>(kAhead, t.size()); ++i) pairs_.prefetch(key_of(t[i]));
-      for (size_t i = 0; i < t.size(); ++i) {
-        if (i + kAhead < t.size()) pairs_.prefetch(key_of(t[i + kAhead]));
-        const uint32_t s = t[i];
+      each_prefetched(t, key_of, [&](uint32_t s, uint64_t k) {
         Delta& e = fam_[fam][s];
-        if (e.d <= 0) continue;  // made and unmade within this merge
-        e.pair = pairs_.get(key_of(s));
+        if (e.d <= 0) return;  // made and unmade within this merge
+        e.pair = pairs_.get(k);
         pairs_.count[e.pair] = e.d;
         pairs_.words[e.pair].reserve(e.n);
         created_.push_back(e.pair);
-      }
+      });
       touched_[fam].clear();
     }
     for (uint64_t l : log_) {
