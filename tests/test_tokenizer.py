@@ -478,6 +478,42 @@ def test_native_merges_match_the_oracle_on_repetitive_random_text(tmp_path):
         assert merges == naive_bpe(text, 256 + 40, []), text
 
 
+def test_native_merges_leave_out_rare_pairs_and_recount_when_the_bound_is_wrong(shared_data):
+    """New pairs under the rarity bound are left out of the merge loop's table; the merges must not
+    change with the bound's scale: 0 keeps every pair, the default leaves most out without a
+    recount, and an absurd scale leaves out pairs that later are the best (and runs out of kept
+    pairs), which the fallback recount must catch, on real text and on small-alphabet text."""
+    from tokenizer import native
+
+    core = native.load()
+    text = (shared_data / "corpus.en").read_text()[:200000]
+    counts = Counter(m.encode() for part in text.split(EOT) for m in PRETOKEN_RE.findall(part))
+    words, freqs = list(counts), list(counts.values())
+    full = core.merge(words, freqs, 1200, prune=0)
+    stats = {}
+    assert core.merge(words, freqs, 1200, stats=stats) == full
+    assert stats["pairs_left_out"] > 100 and stats["recounts"] == 0, stats
+    stats = {}
+    assert core.merge(words, freqs, 1200, prune=1000, stats=stats) == full
+    assert stats["pairs_left_out"] > 0 and stats["recounts"] == 1, stats
+    everything = core.merge(words, freqs, 10**6, prune=0)  # until no pair is left
+    stats = {}  # asked for one more merge than there are: the kept pairs run out first
+    assert core.merge(words, freqs, len(everything) + 1, prune=1000, stats=stats) == everything
+    assert stats["pairs_left_out"] > 0 and stats["recounts"] == 1, stats
+    stats = {}  # (b, c) merged, (a, bc) left out, (a, b) gone: the heap empties with a pair left out
+    assert core.merge([b"abc"], [1], 2, prune=1000, stats=stats) == [(b"b", b"c"), (b"a", b"bc")]
+    assert stats == {"pairs_left_out": 1, "recounts": 1}
+    rng = random.Random(3)
+    for _ in range(10):
+        small = "".join(rng.choice("aab c") for _ in range(rng.randint(100, 400)))
+        c = Counter(m.encode() for m in PRETOKEN_RE.findall(small))
+        expect = naive_bpe(small, 256 + 30, [])
+        for scale in (0, 0.25, 3, 1000):
+            assert core.merge(list(c), list(c.values()), 30, prune=scale) == expect, (small, scale)
+    with pytest.raises(ValueError, match="prune"):
+        core.merge(words, freqs, 10, prune=-1)
+
+
 def test_native_counter_and_merge_progress(tmp_path):
     from tokenizer import native
 
