@@ -510,8 +510,11 @@ def test_native_merges_leave_out_rare_pairs_and_recount_when_the_bound_is_wrong(
         expect = naive_bpe(small, 256 + 30, [])
         for scale in (0, 0.25, 3, 1000):
             assert core.merge(list(c), list(c.values()), 30, prune=scale) == expect, (small, scale)
-    with pytest.raises(ValueError, match="prune"):
-        core.merge(words, freqs, 10, prune=-1)
+    stats = {}  # a scale so large the bound overflows int64: everything left out, then one recount
+    assert core.merge(words, freqs, 1200, prune=1e300, stats=stats) == full and stats["recounts"] == 1, stats
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="prune"):
+            core.merge(words, freqs, 10, prune=bad)
 
 
 def test_native_counter_and_merge_progress(tmp_path):

@@ -467,7 +467,8 @@ class MergeTrainer {
     // the best count is at least floor_, no pair left out can be (or tie) the best; if it falls
     // below, recount() restores every pair. Leaving them out: merge phase 1.5x faster (0.25 GB
     // Zipf), a pair table 20x smaller.
-    const int64_t rare = prune_ > 0 ? int64_t(double(best) * std::pow(double(m) / target_, 1.5) * prune_) : 0;
+    const double bound = prune_ > 0 ? double(best) * std::pow(double(m) / target_, 1.5) * prune_ : 0;
+    const int64_t rare = bound < 9e18 ? int64_t(bound) : INT64_MAX;  // a huge scale: every new pair left out
     for (auto& f : fam_)
       if (f.size() <= c) f.resize(std::max<size_t>(2 * f.size(), c + 1), Delta{0, 0, 0, 0, 0});
     std::vector<uint32_t> words;
@@ -588,7 +589,7 @@ constexpr double kPrune = 0.25;
 // the same merges). `stats` (a dict, if not None) receives pairs_left_out and recounts.
 py::object merge_counts(PretokenCounter& counter, int num_merges, py::object progress, bool consume, double prune,
                         py::object stats) {
-  if (!(prune >= 0)) throw std::invalid_argument("prune must be >= 0");
+  if (!(prune >= 0 && std::isfinite(prune))) throw std::invalid_argument("prune must be a finite number >= 0");
   const int every = std::max(1, num_merges / 200);
   std::vector<std::pair<std::string, std::string>> merges;
   size_t left_out = 0;
