@@ -3,9 +3,11 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from tokenizer.cli import main as cli_main
 from tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN_RE, SpecialFinder
 
 EOT = "<|endoftext|>"
+ROOT = Path(__file__).resolve().parents[1]
 
 IMPLS = ["native", "python"]
 
@@ -132,10 +135,10 @@ def gpt2(shared_data, request):
 @pytest.fixture(scope="module")
 def tiktoken_gpt2(shared_data):
     tiktoken = pytest.importorskip("tiktoken")
-    from tokenizer.tokenizer import _from_printable
+    from tokenizer.tokenizer import from_printable
 
     vocab = json.loads((shared_data / "gpt2_vocab.json").read_text())
-    ranks = {_from_printable(k): v for k, v in vocab.items() if k != EOT}
+    ranks = {from_printable(k): v for k, v in vocab.items() if k != EOT}
     return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
 
@@ -255,6 +258,36 @@ def test_save_load_round_trip(tmp_path):
     assert back.fingerprint() == tok.fingerprint()
     with pytest.raises(FileNotFoundError):
         Tokenizer.load(tmp_path / "missing")
+
+
+def test_printable_alphabet_round_trips_every_byte_and_refuses_the_rest():
+    """vocab.json/merges.txt spell bytes in GPT-2's alphabet: every byte string round-trips, and
+    a character outside it (a raw space or control char, which GPT-2 remaps, or anything past the
+    alphabet) is refused by name rather than passed through as its own code point."""
+    from tokenizer.tokenizer import bytes_to_unicode, from_printable, to_printable
+
+    every = bytes(range(256))
+    assert to_printable(every) == "".join(bytes_to_unicode()[b] for b in every)
+    assert from_printable(to_printable(every)) == every and to_printable(b"") == "" == from_printable("").decode()
+    assert to_printable(b" hi\n") == "Ġhi" + "Ċ"
+    for bad in (" ", "a\nb", "\x00", "\xad", "ok\uffff", "é😀", "\ud800"):
+        first = next(c for c in bad if c not in bytes_to_unicode().values())
+        with pytest.raises(ValueError, match=re.escape(repr(first))):
+            from_printable(bad)
+
+
+def test_quiet_training_loads_no_progress_bar_or_process_pool(tmp_path):
+    """A quiet run (scripts, Slurm jobs) skips importing tqdm and the process pool: about 0.1 s
+    of start-up, a fair part of training a small corpus."""
+    path = tmp_path / "c.txt"
+    path.write_text("low lower lowest " * 50)
+    code = (
+        "import sys; from tokenizer import train_bpe; "
+        f"train_bpe({str(path)!r}, 270, [], num_workers=1); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tqdm' or m == 'concurrent.futures.process'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_handout_worked_example():

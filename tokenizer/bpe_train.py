@@ -14,10 +14,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from tokenizer import native
 from tokenizer.pretokenize import (
@@ -30,6 +27,7 @@ from tokenizer.pretokenize import (
     special_splitter,
     split_on_specials,
 )
+from tokenizer.progress import progress_bar
 from tokenizer.special import validate_special_tokens
 
 CHUNK_BYTES = 8 * 2**20  # per piece for the process pool (each piece costs a process round trip)
@@ -71,12 +69,14 @@ def count_pretokens_native(
         return job[1] - job[0]
 
     size = jobs[-1][1] if jobs else 0
-    with tqdm(total=size, unit="B", unit_scale=True, desc="pretokenize", disable=not progress) as bar:
+    with progress_bar(progress, total=size, unit="B", unit_scale=True, desc="pretokenize") as bar:
         workers = min(num_workers or os.cpu_count() or 1, max(1, len(jobs)))
         if workers == 1:
             for job in jobs:
                 bar.update(count(job))
         else:
+            from concurrent.futures import ThreadPoolExecutor
+
             pool = ThreadPoolExecutor(max_workers=workers)
             try:
                 for n in pool.map(count, jobs):
@@ -103,12 +103,14 @@ def count_pretokens(
     workers = num_workers or os.cpu_count() or 1
     jobs = [(path, a, b, tuple(special_tokens)) for a, b in _jobs(path, special_tokens, CHUNK_BYTES)]
     total: Counter = Counter()
-    bar = tqdm(total=jobs[-1][2] if jobs else 0, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
+    bar = progress_bar(progress, total=jobs[-1][2] if jobs else 0, unit="B", unit_scale=True, desc="pretokenize")
     if workers == 1 or len(jobs) == 1:
         for job in jobs:
             total.update(_count_chunk(job))
             bar.update(job[2] - job[1])
     else:
+        from concurrent.futures import ProcessPoolExecutor
+
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             for job, counts in zip(jobs, pool.map(_count_chunk, jobs)):
                 total.update(counts)
@@ -155,7 +157,7 @@ def merge_pretokens(
     heap = [(-c, _Desc((vocab[a], vocab[b])), a, b) for (a, b), c in pair_counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[bytes, bytes]] = []
-    bar = tqdm(total=num_merges, desc="merges", disable=not progress)
+    bar = progress_bar(progress, total=num_merges, desc="merges")
     while len(merges) < num_merges and heap:
         negc, _, a, b = heapq.heappop(heap)
         if pair_counts.get((a, b), 0) != -negc or negc == 0:
@@ -224,7 +226,7 @@ def train_bpe(
         counter = count_pretokens_native(path, special_tokens, num_workers, progress)
         if len(counter) == 0:
             raise ValueError(f"training corpus has no text outside special tokens: {path}")
-        with tqdm(total=num_merges, desc="merges", disable=not progress) as bar:
+        with progress_bar(progress, total=num_merges, desc="merges") as bar:
             merges = core.merge_counts(counter, num_merges, lambda done: bar.update(done - bar.n), consume=True)
         vocab = {i: bytes([i]) for i in range(256)}
         for a, b in merges:

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from tokenizer.pretokenize import boundary_token, chunk_boundaries, read_text
+from tokenizer.progress import progress_bar
 from tokenizer.tokenizer import Tokenizer
 
 CHUNK_BYTES = 4 * 2**20
@@ -145,7 +145,7 @@ def encode_file(
     jobs = [(str(input_path), a, b, dtype.str) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(jobs) or 1))
     t0 = time.perf_counter()
-    bar = tqdm(total=bounds[-1], unit="B", unit_scale=True, desc="encode", disable=not progress)
+    bar = progress_bar(progress, total=bounds[-1], unit="B", unit_scale=True, desc="encode")
     try:
         n_tokens = _write_pieces(out_path, jobs, str(tokenizer_dir), workers, bar)
     finally:

@@ -44,17 +44,33 @@ def unicode_to_bytes() -> dict[str, int]:
     return {v: k for k, v in bytes_to_unicode().items()}
 
 
-def _to_printable(b: bytes) -> str:
-    m = bytes_to_unicode()
-    return "".join(m[x] for x in b)
+@lru_cache(maxsize=1)
+def _translate_tables() -> tuple[dict[int, str], dict[int, str]]:
+    """``str.translate`` tables between latin-1 text (one char per byte) and GPT-2's printable
+    chars; from printable, the 68 byte values that GPT-2 remaps (space, controls) go to a char past
+    latin-1, so a string that uses them directly fails to encode instead of passing through."""
+    to = bytes_to_unicode()
+    back = {ord(c): chr(b) for b, c in to.items()}
+    for b, c in to.items():
+        if ord(c) != b:
+            back[b] = "\uffff"
+    return to, back
 
 
-def _from_printable(s: str) -> bytes:
-    m = unicode_to_bytes()
+def to_printable(b: bytes) -> str:
+    """``b`` in GPT-2's byte-to-unicode alphabet (how vocab.json and merges.txt write tokens)."""
+    return b.decode("latin-1").translate(_translate_tables()[0])
+
+
+def from_printable(s: str) -> bytes:
+    """The bytes ``s`` writes in GPT-2's byte-to-unicode alphabet; ValueError names the first
+    character outside it."""
     try:
-        return bytes(m[c] for c in s)
-    except KeyError as e:
-        raise ValueError(f"character {e.args[0]!r} is not in GPT-2's byte-to-unicode map") from None
+        return s.translate(_translate_tables()[1]).encode("latin-1")
+    except UnicodeEncodeError:
+        m = unicode_to_bytes()
+        bad = next(c for c in s if c not in m)
+        raise ValueError(f"character {bad!r} is not in GPT-2's byte-to-unicode map") from None
 
 
 META_FORMAT = "fastlm-bpe-1"
@@ -321,10 +337,10 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         special = {s.encode("utf-8") for s in self.special_tokens}
         vocab_json = {
-            (b.decode("utf-8") if b in special else _to_printable(b)): i for i, b in sorted(self.vocab.items())
+            (b.decode("utf-8") if b in special else to_printable(b)): i for i, b in sorted(self.vocab.items())
         }
         lines = ["#version: 0.2 (fastlm byte-level BPE; GPT-2 format)"]
-        lines += [f"{_to_printable(a)} {_to_printable(b)}" for a, b in self.merges]
+        lines += [f"{to_printable(a)} {to_printable(b)}" for a, b in self.merges]
         texts = {
             "vocab.json": json.dumps(vocab_json, ensure_ascii=False),
             "merges.txt": "\n".join(lines) + "\n",
@@ -361,7 +377,7 @@ class Tokenizer:
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:
                 raise ValueError(f"{vocab_path}: token {tok!r} has id {i!r}, not a non-negative integer")
             try:
-                vocab[i] = tok.encode("utf-8") if tok in special_tokens else _from_printable(tok)
+                vocab[i] = tok.encode("utf-8") if tok in special_tokens else from_printable(tok)
             except ValueError as e:
                 raise ValueError(f"{vocab_path}: token {tok!r}: {e}") from None
         if len(vocab) != len(raw_vocab):
@@ -375,7 +391,7 @@ class Tokenizer:
             if len(parts) != 2 or not all(parts):
                 raise ValueError(f"{merges_path}:{n}: expected two tokens separated by one space, got {line!r}")
             try:
-                merges.append((_from_printable(parts[0]), _from_printable(parts[1])))
+                merges.append((from_printable(parts[0]), from_printable(parts[1])))
             except ValueError as e:
                 raise ValueError(f"{merges_path}:{n}: {e}") from None
         try:

@@ -32,7 +32,7 @@ import torch
 
 from model.config import ModelConfig
 from tokenizer.pretokenize import GPT2_PATTERN
-from tokenizer.tokenizer import Tokenizer, bytes_to_unicode, unicode_to_bytes
+from tokenizer.tokenizer import Tokenizer, from_printable, to_printable
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -281,16 +281,10 @@ def read_llama_weights(directory: str | os.PathLike, cfg: ModelConfig) -> dict[s
 # --- tokenizer ---------------------------------------------------------------------------------
 
 
-def _printable(b: bytes) -> str:
-    m = bytes_to_unicode()
-    return "".join(m[x] for x in b)
-
-
 def _from_printable(s: str, source) -> bytes:
-    m = unicode_to_bytes()
     try:
-        return bytes(m[c] for c in s)
-    except KeyError:
+        return from_printable(s)
+    except ValueError:
         raise ValueError(
             f"{source}: vocab entry {s!r} is not written in GPT-2's byte-to-unicode alphabet: not a byte-level BPE"
         ) from None
@@ -332,8 +326,8 @@ def tokenizer_json(tok: Tokenizer) -> dict:
             "fuse_unk": False,
             "byte_fallback": False,
             "ignore_merges": False,
-            "vocab": {_printable(b): i for i, b in sorted(tok.vocab.items())},
-            "merges": [f"{_printable(a)} {_printable(b)}" for a, b in tok.merges],
+            "vocab": {to_printable(b): i for i, b in sorted(tok.vocab.items())},
+            "merges": [f"{to_printable(a)} {to_printable(b)}" for a, b in tok.merges],
         },
     }
 
