@@ -45,28 +45,26 @@ def unicode_to_bytes() -> dict[str, int]:
 
 
 @lru_cache(maxsize=1)
-def _translate_tables() -> tuple[dict[int, str], dict[int, str]]:
-    """``str.translate`` tables between latin-1 text (one char per byte) and GPT-2's printable
-    chars; from printable, the 68 byte values that GPT-2 remaps (space, controls) go to a char past
-    latin-1, so a string that uses them directly fails to encode instead of passing through."""
+def _from_printable_table() -> dict[int, str]:
+    """``str.translate`` table from GPT-2's printable chars to latin-1 (one char per byte); the 68
+    byte values that GPT-2 remaps (space, controls) go to a char past latin-1, so a string that
+    uses them directly fails to encode instead of passing through."""
     to = bytes_to_unicode()
     back = {ord(c): chr(b) for b, c in to.items()}
-    for b, c in to.items():
-        if ord(c) != b:
-            back[b] = "\uffff"
-    return to, back
+    back.update({b: "\uffff" for b, c in to.items() if ord(c) != b})
+    return back
 
 
 def to_printable(b: bytes) -> str:
     """``b`` in GPT-2's byte-to-unicode alphabet (how vocab.json and merges.txt write tokens)."""
-    return b.decode("latin-1").translate(_translate_tables()[0])
+    return b.decode("latin-1").translate(bytes_to_unicode())
 
 
 def from_printable(s: str) -> bytes:
     """The bytes ``s`` writes in GPT-2's byte-to-unicode alphabet; ValueError names the first
     character outside it."""
     try:
-        return s.translate(_translate_tables()[1]).encode("latin-1")
+        return s.translate(_from_printable_table()).encode("latin-1")
     except UnicodeEncodeError:
         m = unicode_to_bytes()
         bad = next(c for c in s if c not in m)
