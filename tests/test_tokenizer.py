@@ -535,7 +535,7 @@ def test_native_merges_leave_out_rare_pairs_and_recount_when_the_bound_is_wrong(
     assert stats["pairs_left_out"] > 0 and stats["recounts"] == 1, stats
     stats = {}  # (b, c) merged, (a, bc) left out, (a, b) gone: the heap empties with a pair left out
     assert core.merge([b"abc"], [1], 2, prune=1000, stats=stats) == [(b"b", b"c"), (b"a", b"bc")]
-    assert stats == {"pairs_left_out": 1, "recounts": 1}
+    assert stats == {"pairs_left_out": 1, "recounts": 1, "symbol_bits": 16}
     rng = random.Random(3)
     for _ in range(10):
         small = "".join(rng.choice("aab c") for _ in range(rng.randint(100, 400)))
@@ -548,6 +548,43 @@ def test_native_merges_leave_out_rare_pairs_and_recount_when_the_bound_is_wrong(
     for bad in (-1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="prune"):
             core.merge(words, freqs, 10, prune=bad)
+
+
+def test_native_merges_are_the_same_with_16_and_32_bit_symbols(tmp_path, shared_data):
+    """The merge loop keeps its words in 16-bit symbols where every token id and word fits (0.6x
+    the memory of 32-bit ones) and in 32-bit ones otherwise: both give the same merges; a word over
+    64 KB, or more merges than 16 bits can number, picks 32 bits, and asking for 16 then is refused."""
+    from tokenizer import native
+
+    core = native.load()
+    text = (shared_data / "corpus.en").read_text()[:100000]
+    counts = Counter(m.encode() for part in text.split(EOT) for m in PRETOKEN_RE.findall(part))
+    words, freqs = list(counts), list(counts.values())
+    for prune in (0, 0.25):
+        narrow, wide = {}, {}
+        merges = core.merge(words, freqs, 800, prune=prune, stats=narrow)
+        assert merges == core.merge(words, freqs, 800, prune=prune, stats=wide, symbol_bits=32)
+        assert (narrow["symbol_bits"], wide["symbol_bits"]) == (16, 32)
+    stats = {}
+    everything = core.merge(words, freqs, 70000, stats=stats)  # runs out of pairs long before
+    assert stats["symbol_bits"] == 32 and len(everything) < 65279
+    assert core.merge(words, freqs, len(everything), symbol_bits=16) == everything
+    with pytest.raises(ValueError, match="16-bit"):
+        core.merge(words, freqs, 70000, symbol_bits=16)
+    rng = random.Random(7)  # one word of 70,000 letters, from the file, against the oracle
+    long_text = "the cat sat on a mat " + "".join(rng.choice("ab") for _ in range(70000)) + " a cat"
+    path = tmp_path / "long.txt"
+    path.write_text(long_text)
+    _, merges = train_bpe(path, 256 + 20, [], num_workers=1)
+    assert merges == naive_bpe(long_text, 256 + 20, [])
+    stats = {}
+    pieces = [m.encode() for m in PRETOKEN_RE.findall(long_text)]
+    core.merge(pieces, [1] * len(pieces), 20, stats=stats)
+    assert stats["symbol_bits"] == 32
+    with pytest.raises(ValueError, match="16-bit"):
+        core.merge([long_text.encode()], [1], 20, symbol_bits=16)
+    with pytest.raises(ValueError, match="symbol_bits"):
+        core.merge(words, freqs, 10, symbol_bits=8)
 
 
 def test_native_counter_and_merge_progress(tmp_path):

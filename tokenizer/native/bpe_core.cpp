@@ -132,17 +132,17 @@ inline uint64_t key(uint32_t a, uint32_t b) { return (uint64_t(a) << 32) | b; }
 // to int: ~170), and merging one table into another hashes nothing twice.
 class PieceCounts {
  public:
-  struct Entry { uint64_t off; uint32_t len; int64_t count; uint64_t hash; };
+  struct Entry { uint64_t off; int64_t count; uint32_t len, hash; };  // 24 bytes
 
-  static uint64_t hash(std::string_view k) { return std::hash<std::string_view>{}(k); }
+  static uint32_t hash(std::string_view k) { return uint32_t(std::hash<std::string_view>{}(k)); }
 
-  void add(std::string_view k, uint64_t h, int64_t c) {
+  void add(std::string_view k, uint32_t h, int64_t c) {
     if (2 * (entries_.size() + 1) > index_.size()) grow();
     const size_t mask = index_.size() - 1;
     for (size_t i = h & mask;; i = (i + 1) & mask) {
       uint32_t e = index_[i];
       if (e == 0) {
-        entries_.push_back(Entry{arena_.size(), uint32_t(k.size()), c, h});
+        entries_.push_back(Entry{arena_.size(), c, uint32_t(k.size()), h});
         arena_.append(k);
         index_[i] = uint32_t(entries_.size());
         return;
@@ -166,8 +166,9 @@ class PieceCounts {
   void clear() {
     std::string().swap(arena_);
     std::vector<Entry>().swap(entries_);
-    std::vector<uint32_t>().swap(index_);
+    drop_index();
   }
+  void drop_index() { std::vector<uint32_t>().swap(index_); }  // rebuilt by the next add()
 
  private:
   void grow() {
@@ -314,6 +315,7 @@ struct Candidate {
 //   fall (a merge removes occurrences; only pairs with the new token are new), so a stale top is
 //   re-pushed with its current count, and each merge pushes just the pairs it created;
 // - new pairs too rare to be merged before the last merge are left out (see `rare` in apply()).
+template <class Sym>
 class MergeTrainer {
  public:
   // `prune`: the scale of the rarity bound for new pairs (0: every new pair is kept).
@@ -324,24 +326,37 @@ class MergeTrainer {
     for (const auto& e : counts.entries())
       if (e.len >= 2) total += kHeader + e.len;
     if (total >= UINT32_MAX) throw std::length_error("too many unique pretoken bytes for the merge loop (4G symbols)");
-    data_.reserve(total);
+    if (consume) counts.drop_index();  // the peak is the table and these words side by side
+    data_.resize(total);
     starts_.reserve(counts.size());
+    // Every pair here is of two bytes: a direct table finds its index without hashing (this
+    // loop: 0.33 -> 0.15 s over 1.7M words), and counts the words each pair is in, so that each
+    // word list is allocated once at its size (grown by doubling, they held ~1.5x their words).
+    std::vector<uint32_t> byte_pair(1 << 16, 0), last(1 << 16, UINT32_MAX);
+    size_t at = 0;
     for (const auto& e : counts.entries()) {
       if (e.len < 2) continue;
-      starts_.push_back(uint32_t(data_.size()));
-      uint32_t head[kHeader] = {uint32_t(e.count), uint32_t(uint64_t(e.count) >> 32), e.len};
-      data_.insert(data_.end(), head, head + kHeader);
-      for (unsigned char c : counts.key(e)) data_.push_back(c);
+      const uint32_t w = uint32_t(at);
+      starts_.push_back(w);
+      std::memcpy(&data_[at], &e.count, sizeof(int64_t));
+      data_[at + kLen] = Sym(e.len);
+      at += kHeader;
+      const auto* k = reinterpret_cast<const unsigned char*>(counts.key(e).data());
+      for (uint32_t j = 0; j < e.len; ++j) {
+        data_[at++] = k[j];
+        if (j + 1 == e.len) break;
+        const uint32_t bp = (uint32_t(k[j]) << 8) | k[j + 1];
+        if (last[bp] != w) { last[bp] = w; ++byte_pair[bp]; }
+      }
     }
     if (consume) counts.clear();  // its words now live here: free the pretoken table's memory
-    // Every pair here is of two bytes: a direct table finds its index without hashing (this
-    // loop: 0.33 -> 0.15 s over 1.7M words).
-    std::vector<uint32_t> byte_pair(1 << 16, PairIndex::kNone);
-    count_pairs([&](uint32_t x, uint32_t y) {
-      uint32_t& known = byte_pair[(x << 8) | y];
-      if (known == PairIndex::kNone) known = pairs_.get(key(x, y));
-      return known;
-    });
+    for (uint32_t bp = 0; bp < byte_pair.size(); ++bp) {
+      if (byte_pair[bp] == 0) { byte_pair[bp] = PairIndex::kNone; continue; }
+      const uint32_t p = pairs_.get(key(bp >> 8, bp & 0xFF));
+      pairs_.words[p].reserve(byte_pair[bp]);
+      byte_pair[bp] = p;
+    }
+    count_pairs([&](uint32_t x, uint32_t y) { return byte_pair[(x << 8) | y]; });
   }
 
   // One merge; false when no pair is left.
@@ -384,9 +399,9 @@ class MergeTrainer {
   template <class IndexOf>
   void count_pairs(IndexOf index_of) {
     for (uint32_t w : starts_) {
-      const uint32_t* s = &data_[w + kHeader];
+      const Sym* s = &data_[w + kHeader];
       const int64_t f = freq(w);
-      for (uint32_t j = 0; j + 1 < data_[w + 2]; ++j) {
+      for (uint32_t j = 0; j + 1 < data_[w + kLen]; ++j) {
         const uint32_t p = index_of(s[j], s[j + 1]);
         pairs_.count[p] += f;
         auto& ws = pairs_.words[p];
@@ -477,20 +492,25 @@ class MergeTrainer {
     // slower), both cache lines a word of up to 12 symbols can straddle (the second line: -12%).
     for (size_t i = 0; i < words.size(); ++i) {
       if (i + 24 < words.size()) {
-        const uint32_t* next = &data_[words[i + 24]];
+        const Sym* next = &data_[words[i + 24]];
         __builtin_prefetch(next);
         __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(next) + 60));
       }
       const uint32_t w = words[i];
-      uint32_t* head = &data_[w];
-      uint32_t* s = head + kHeader;
-      const uint32_t n = head[2];
+      Sym* head = &data_[w];
+      Sym* s = head + kHeader;
+      const uint32_t n = head[kLen];
+      // About half the words listed no longer hold the pair (an earlier merge took one of its
+      // symbols): found by a read, left without a write.
+      uint32_t j = 0;
+      while (j + 1 < n && !(s[j] == a && s[j + 1] == b)) ++j;
+      if (j + 1 >= n) continue;
       const int64_t f = freq(w);
-      uint32_t o = 0;
+      uint32_t o = j;
       // In place, left to right: s[0, o) is rewritten, s[j, n) still the old symbols (never c).
       // For each occurrence, its left neighbour's pair (with the current left symbol, which may be
       // an earlier c) and its right neighbour's pair move to c.
-      for (uint32_t j = 0; j < n;) {
+      for (; j < n;) {
         if (j + 1 < n && s[j] == a && s[j + 1] == b) {
           if (o > 0) {
             const uint32_t x = s[o - 1];
@@ -504,13 +524,13 @@ class MergeTrainer {
             else bump(kRightB, y, -f, w, m);         // (b, y)
             bump(kRightC, y, f, w, m);               // (c, y)
           }
-          s[o++] = c;
+          s[o++] = Sym(c);
           j += 2;
         } else {
           s[o++] = s[j++];
         }
       }
-      head[2] = o;
+      head[kLen] = Sym(o);
     }
     // Existing pairs: each one's net change.
     for (Family fam : {kLeftA, kRightB}) {
@@ -559,13 +579,18 @@ class MergeTrainer {
 
   std::vector<std::string> vocab_;
   std::vector<std::pair<std::string, std::string>> merges_;
-  // Each word in one run of data_: [count low, count high, length], then its symbols; a word's id
+  // Each word in one run of data_: its count (8 bytes), its length, then its symbols; a word's id
   // is the offset of its run (one cache line holds most words). A pair's word list never holds a
   // word twice (each list is filled in one pass over ascending word ids), so a merge visits each
-  // of its words once.
-  static constexpr uint32_t kHeader = 3;
-  int64_t freq(uint32_t w) const { return int64_t(uint64_t(data_[w]) | (uint64_t(data_[w + 1]) << 32)); }
-  std::vector<uint32_t> data_;
+  // of its words once. Symbols are 16-bit where the vocab and every word fit (merge_counts picks):
+  // the words' memory, which the merge loop reads at random, is then 0.6x of 32-bit symbols.
+  static constexpr uint32_t kLen = sizeof(int64_t) / sizeof(Sym), kHeader = kLen + 1;
+  int64_t freq(uint32_t w) const {
+    int64_t f;
+    std::memcpy(&f, &data_[w], sizeof f);
+    return f;
+  }
+  std::vector<Sym> data_;
   std::vector<uint32_t> starts_;  // each word's offset (a merge shortens a word, not its run)
   PairIndex pairs_;
   std::vector<Delta> fam_[4];
@@ -586,38 +611,55 @@ constexpr double kPrune = 0.25;
 // pending signal (Ctrl-C) raises there. `consume` frees the counter's table once its words are
 // copied (the trainer's peak memory is then one copy of the pretokens, not two). `prune` scales the
 // bound under which new pairs are left out as too rare to be merged (0: none are; any value gives
-// the same merges). `stats` (a dict, if not None) receives pairs_left_out and recounts.
+// the same merges). `stats` (a dict, if not None) receives pairs_left_out, recounts and
+// symbol_bits. `symbol_bits`: 0 picks 16-bit symbols where every token id and word fits, else 32;
+// 16 or 32 forces one (tests: both give the same merges).
 py::object merge_counts(PretokenCounter& counter, int num_merges, py::object progress, bool consume, double prune,
-                        py::object stats) {
+                        py::object stats, int symbol_bits) {
   if (!(prune >= 0 && std::isfinite(prune))) throw std::invalid_argument("prune must be a finite number >= 0");
+  if (symbol_bits != 0 && symbol_bits != 16 && symbol_bits != 32) throw std::invalid_argument("symbol_bits must be 0, 16 or 32");
   const int every = std::max(1, num_merges / 200);
   std::vector<std::pair<std::string, std::string>> merges;
   size_t left_out = 0;
-  int recounts = 0;
+  int recounts = 0, bits = 0;
   {
     py::gil_scoped_release release;
     std::unique_lock<std::mutex> reading(counter.mutex());  // no add_text while the words are copied
-    MergeTrainer t(counter.counts(), consume, num_merges, prune);
-    reading.unlock();
-    int done = 0, reported = 0;
-    auto report = [&] {
-      py::gil_scoped_acquire hold;
-      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-      if (!progress.is_none()) progress(done);
-      reported = done;
+    bool narrow = 256 + int64_t(num_merges) <= UINT16_MAX;  // every token id and word length fit
+    for (const auto& e : counter.counts().entries()) narrow = narrow && e.len <= UINT16_MAX;
+    if (symbol_bits == 16 && !narrow) throw std::invalid_argument("16-bit symbols hold at most 65,279 merges and words of at most 65,535 bytes");
+    if (symbol_bits == 32) narrow = false;
+    bits = narrow ? 16 : 32;
+    auto run = [&](auto& t) {
+      reading.unlock();
+      int done = 0, reported = 0;
+      auto report = [&] {
+        py::gil_scoped_acquire hold;
+        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+        if (!progress.is_none()) progress(done);
+        reported = done;
+      };
+      while (done < num_merges && t.step()) {
+        ++done;
+        if (done % every == 0 || done == num_merges) report();
+      }
+      if (reported != done) report();  // the pairs ran out before num_merges: the final count too
+      merges = t.merges();
+      left_out = t.pairs_left_out();
+      recounts = t.recounts();
     };
-    while (done < num_merges && t.step()) {
-      ++done;
-      if (done % every == 0 || done == num_merges) report();
+    if (narrow) {
+      MergeTrainer<uint16_t> t(counter.counts(), consume, num_merges, prune);
+      run(t);
+    } else {
+      MergeTrainer<uint32_t> t(counter.counts(), consume, num_merges, prune);
+      run(t);
     }
-    if (reported != done) report();  // the pairs ran out before num_merges: the final count too
-    merges = t.merges();
-    left_out = t.pairs_left_out();
-    recounts = t.recounts();
   }
   if (!stats.is_none()) {
     stats["pairs_left_out"] = py::int_(left_out);
     stats["recounts"] = py::int_(recounts);
+    stats["symbol_bits"] = py::int_(bits);
   }
   PyObject* l = PyList_New(Py_ssize_t(merges.size()));
   if (!l) throw py::error_already_set();
@@ -632,11 +674,11 @@ py::object merge_counts(PretokenCounter& counter, int num_merges, py::object pro
 
 // The same merges from Python lists (tests, and callers holding a dict of counts).
 py::object merge(const std::vector<std::string>& pretokens, const std::vector<int64_t>& freqs, int num_merges, double prune,
-                 py::object stats) {
+                 py::object stats, int symbol_bits) {
   if (pretokens.size() != freqs.size()) throw std::invalid_argument("pretokens and freqs differ in length");
   PretokenCounter counter;
   for (size_t i = 0; i < pretokens.size(); ++i) counter.counts().add(pretokens[i], PieceCounts::hash(pretokens[i]), freqs[i]);
-  return merge_counts(counter, num_merges, py::none(), true, prune, stats);
+  return merge_counts(counter, num_merges, py::none(), true, prune, stats, symbol_bits);
 }
 
 // --- encoding ------------------------------------------------------------------------------------
@@ -1006,11 +1048,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &PretokenCounter::size)
       .def("to_dict", &PretokenCounter::to_dict, "pretoken (bytes) -> count");
   m.def("merge_counts", &merge_counts, py::arg("counter"), py::arg("num_merges"), py::arg("progress") = py::none(),
-        py::arg("consume") = false, py::arg("prune") = kPrune, py::arg("stats") = py::none(),
+        py::arg("consume") = false, py::arg("prune") = kPrune, py::arg("stats") = py::none(), py::arg("symbol_bits") = 0,
         "run BPE merges over a PretokenCounter's pretokens; returns the merges");
   m.def("pretoken_spans", &pretoken_spans, "byte spans of the pretokens of a UTF-8 text");
   m.def("merge", &merge, py::arg("pretokens"), py::arg("freqs"), py::arg("num_merges"), py::arg("prune") = kPrune,
-        py::arg("stats") = py::none(), "run BPE merges over pretokens with counts; returns the merges");
+        py::arg("stats") = py::none(), py::arg("symbol_bits") = 0, "run BPE merges over pretokens with counts; returns the merges");
   py::class_<Encoder>(m, "Encoder")
       .def(py::init<const std::vector<uint32_t>&, const std::vector<std::tuple<uint32_t, uint32_t, uint32_t>>&>())
       .def("encode", &Encoder::encode, "ids as native uint32 bytes", py::arg("text"), py::arg("specials") = Encoder::Spans{})
