@@ -4,6 +4,7 @@
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -278,12 +279,12 @@ def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, resul
                 wall, peak, cpu = _run_measured(cmd)
             runs[i].append((wall, peak, cpu, read_s))
     gbs = [c.stat().st_size / 1e9 for c in corpora]
-    best = [min(rs) for rs in runs]  # the fastest round of each size (its own peak and CPU time)
-    median = [sorted(w for w, *_ in rs)[len(rs) // 2] for rs in runs]
+    best = [min(rs) for rs in runs]  # the fastest round of each size, with that round's CPU time
+    median = [statistics.median(w for w, *_ in rs) for rs in runs]
     per_gb = [b[0] / gb for b, gb in zip(best, gbs)]
     cpu_per_gb = [b[2] / gb for b, gb in zip(best, gbs)]
     median_per_gb = [m / gb for m, gb in zip(median, gbs)]
-    peaks = [max(p for _, p, *_ in rs) for rs in runs]
+    peaks = [max(p for _, p, *_ in rs) for rs in runs]  # memory: the largest of any round
     row = dict(
         kind="tokenizer_train_scaling",
         corpus="zipf_seed0",

@@ -553,7 +553,7 @@ def test_native_merges_leave_out_rare_pairs_and_recount_when_the_bound_is_wrong(
 def test_native_merges_are_the_same_with_16_and_32_bit_symbols(tmp_path, shared_data):
     """The merge loop keeps its words in 16-bit symbols where every token id and word fits (0.6x
     the memory of 32-bit ones) and in 32-bit ones otherwise: both give the same merges; a word over
-    64 KB, or more merges than 16 bits can number, picks 32 bits, and asking for 16 then is refused."""
+    65,535 bytes, or more merges than 16 bits can number, picks 32 bits, and asking for 16 then is refused."""
     from tokenizer import native
 
     core = native.load()
