@@ -4,7 +4,6 @@
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -247,62 +246,80 @@ def _zipf_corpus(gb: float) -> Path:
     return path
 
 
-def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, results, quick):
-    """Training time per GB and peak memory over corpora 16x apart in size (one worker, vocab
-    10,000): the merge loop's cost follows the unique pretokens, which a Zipf tail makes grow far
-    slower than the corpus, so time per GB falls with size; the goal is a spread within 1.3x and
-    peak memory within 1.5x between the two largest. Each corpus is read once before its run (a
-    warm page cache), and CPU seconds are kept beside wall seconds: on a shared host the wall
-    clock also counts the disk and other tenants. The sizes run in turn, ``$BENCH_ZIPF_ROUNDS``
-    times (default 3; 1 with --bench-quick), and each size's fastest round is its time: this
-    host's speed moved 2x within minutes, which one 5 s run at the small end cannot average out.
-    The median rounds' spread is kept beside it."""
-    if os.environ.get("BENCH_ZIPF_GB"):
-        sizes = tuple(float(g) for g in os.environ["BENCH_ZIPF_GB"].split(","))
-    else:
-        sizes = tuple(gb / 16 for gb in ZIPF_GB) if quick else ZIPF_GB
-    assert len(sizes) >= 2, "BENCH_ZIPF_GB needs two sizes or more"
-    rounds = int(os.environ.get("BENCH_ZIPF_ROUNDS") or (1 if quick else 3))
-    assert rounds >= 1, "BENCH_ZIPF_ROUNDS must be 1 or more"
-    corpora = [_zipf_corpus(gb) for gb in sizes]
-    runs = [[] for _ in sizes]  # per size: (wall, peak, cpu, read) of each round
-    for r in range(rounds):
-        for i, corpus in enumerate(corpora):
-            out = tmp_path_factory.mktemp("zipf")
-            cmd = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpus), "--vocab-size", "10000"]
-            cmd += ["--special-token", EOT, "--out", str(out), "--workers", "1", "--quiet"]
-            read_s = _warm_page_cache(corpus)
-            # The CLI's process-tree peak: with one worker and the compiled core, the trainer's own.
-            if r == 0 and i == 0:
-                wall, peak, cpu = benchmark.pedantic(_run_measured, args=(cmd,), rounds=1, iterations=1)
-            else:
-                wall, peak, cpu = _run_measured(cmd)
-            runs[i].append((wall, peak, cpu, read_s))
-    gbs = [c.stat().st_size / 1e9 for c in corpora]
-    best = [min(rs) for rs in runs]  # the fastest round of each size, with that round's CPU time
-    median = [statistics.median(w for w, *_ in rs) for rs in runs]
-    per_gb = [b[0] / gb for b, gb in zip(best, gbs)]
-    cpu_per_gb = [b[2] / gb for b, gb in zip(best, gbs)]
-    median_per_gb = [m / gb for m, gb in zip(median, gbs)]
-    peaks = [max(p for _, p, *_ in rs) for rs in runs]  # memory: the largest of any round
+def _scaling_row(runs: list, gbs: list[float], repeats: list[int], read_s: list[float]) -> dict:
+    """The ladder's results row from ``runs[round][size]``, lists of (wall, peak, cpu) per run."""
+    every = [[run for rr in runs for run in rr[i]] for i in range(len(gbs))]  # per size, all rounds
+    per_gb = [sum(w for w, *_ in rs) / (len(rs) * gb) for rs, gb in zip(every, gbs)]
+    cpu_per_gb = [sum(c for *_, c in rs) / (len(rs) * gb) for rs, gb in zip(every, gbs)]
+    round_per_gb = [[sum(w for w, *_ in rr[i]) / (len(rr[i]) * gb) for i, gb in enumerate(gbs)] for rr in runs]
+    fastest = [min(w for w, *_ in rs) for rs in every]
+    fastest_per_gb = [w / gb for w, gb in zip(fastest, gbs)]
+    peaks = [max(p for _, p, _ in rs) for rs in every]  # memory: the largest of any run
     row = dict(
         kind="tokenizer_train_scaling",
         corpus="zipf_seed0",
         vocab_size=10000,
         workers=1,
-        rounds=rounds,
+        rounds=len(runs),
+        runs_per_round=repeats,
         sizes_gb=gbs,
-        wall_s=[b[0] for b in best],
-        wall_s_rounds=[[w for w, *_ in rs] for rs in runs],
         s_per_gb=per_gb,
-        cpu_s=[b[2] for b in best],
+        wall_s_mean=[sum(w for w, *_ in rs) / len(rs) for rs in every],
+        wall_s_runs=[[w for w, *_ in rs] for rs in every],
         cpu_s_per_gb=cpu_per_gb,
-        warm_read_s=[b[3] for b in best],
+        warm_read_s=read_s,
         peak_mb=peaks,
         s_per_gb_spread=max(per_gb) / min(per_gb),
-        s_per_gb_spread_median=max(median_per_gb) / min(median_per_gb),
+        s_per_gb_spread_rounds=[max(x) / min(x) for x in round_per_gb],
         cpu_s_per_gb_spread=max(cpu_per_gb) / min(cpu_per_gb),
+        wall_s_fastest=fastest,
+        s_per_gb_spread_fastest=max(fastest_per_gb) / min(fastest_per_gb),
         peak_ratio_largest_two=peaks[-1] / peaks[-2],
     )
+    return row
+
+
+def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, results, quick):
+    """Training time per GB and peak memory over corpora 16x apart in size (one worker, vocab
+    10,000): the merge loop's cost follows the unique pretokens, which a Zipf tail makes grow far
+    slower than the corpus, so time per GB falls with size; the goal is a spread within 1.3x and
+    peak memory within 1.5x between the two largest. Each corpus is read once before its runs (a
+    warm page cache), and CPU seconds are kept beside wall seconds.
+
+    Equal work per size: in each round every size trains on as many bytes as the largest (the
+    0.25 GB corpus 16 times, the 1 GB one 4 times, the 4 GB one once), so each size's time per GB
+    is measured over a window as long as the largest run's. This host's speed moved 1.7x within
+    an hour; a fastest-of-N over runs of 5 s and of 60 s favours the short ones, which catch the
+    fast minutes that a long run averages over. The rounds alternate the order of the sizes
+    (``$BENCH_ZIPF_ROUNDS``, default 2; 1 with --bench-quick), and the spread is that of the
+    summed time per GB over all rounds; each round's spread and each size's fastest single run
+    are kept beside it."""
+    if os.environ.get("BENCH_ZIPF_GB"):
+        sizes = tuple(float(g) for g in os.environ["BENCH_ZIPF_GB"].split(","))
+    else:
+        sizes = tuple(gb / 16 for gb in ZIPF_GB) if quick else ZIPF_GB
+    assert len(sizes) >= 2, "BENCH_ZIPF_GB needs two sizes or more"
+    rounds = int(os.environ.get("BENCH_ZIPF_ROUNDS") or (1 if quick else 2))
+    assert rounds >= 1, "BENCH_ZIPF_ROUNDS must be 1 or more"
+    corpora = [_zipf_corpus(gb) for gb in sizes]
+    gbs = [c.stat().st_size / 1e9 for c in corpora]
+    repeats = [max(1, round(max(gbs) / gb)) for gb in gbs]  # runs per size and round: equal bytes
+    runs = [[[] for _ in sizes] for _ in range(rounds)]  # per round, per size: (wall, peak, cpu) of each run
+    read_s = [0.0] * len(sizes)
+    for r in range(rounds):
+        order = range(len(sizes)) if r % 2 == 0 else reversed(range(len(sizes)))
+        for i in order:
+            read_s[i] = _warm_page_cache(corpora[i])
+            for k in range(repeats[i]):
+                out = tmp_path_factory.mktemp("zipf")
+                cmd = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpora[i]), "--vocab-size", "10000"]
+                cmd += ["--special-token", EOT, "--out", str(out), "--workers", "1", "--quiet"]
+                # The CLI's process-tree peak: with one worker and the compiled core, the trainer's own.
+                if r == 0 and k == 0 and i == 0:
+                    got = benchmark.pedantic(_run_measured, args=(cmd,), rounds=1, iterations=1)
+                else:
+                    got = _run_measured(cmd)
+                runs[r][i].append(got)
+    row = _scaling_row(runs, gbs, repeats, read_s)
     results.add(**row)
     benchmark.extra_info.update(row)

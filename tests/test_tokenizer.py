@@ -587,6 +587,41 @@ def test_native_merges_are_the_same_with_16_and_32_bit_symbols(tmp_path, shared_
         core.merge(words, freqs, 10, symbol_bits=8)
 
 
+def test_native_pair_scan_matches_the_scalar_loop():
+    """The merge loop finds a pair in a word 16 bytes at a time (SSE2), reading past the word's
+    end: against a plain Python scan and the scalar loop (what builds without SSE2 run), over every
+    length up to 40, pairs at the edges and beyond the end, a == b, and ids that differ only in
+    their high bits."""
+    from tokenizer import native
+
+    core = native.load()
+
+    def expect(syms, n, a, b):
+        return next((j for j in range(n - 1) if syms[j] == a and syms[j + 1] == b), n)
+
+    rng = random.Random(3)
+    cases = 0
+    for bits in (16, 32):
+        big = (1 << bits) - 1
+        for n in range(41):
+            for _ in range(25):
+                a, b = rng.choice([(1, 2), (5, 5), (big, 0), (0x1234, 0x1235)])
+                alphabet = [a, b, a ^ 0x100, b ^ 1, 7]
+                syms = [rng.choice(alphabet) for _ in range(n + rng.randrange(0, 20))]
+                got = core.find_pair_check(syms, n, a, b, bits)
+                assert got == (expect(syms, n, a, b),) * 2, (bits, n, a, b, syms)
+                cases += 1
+            if n >= 2:  # the only occurrence: at the end, then just past it
+                syms = [7] * (n - 2) + [1, 2] + [1, 2]
+                assert core.find_pair_check(syms, n, 1, 2, bits) == (n - 2, n - 2)
+                assert core.find_pair_check(syms, n - 1, 1, 2, bits) == (n - 1, n - 1)
+    assert cases == 2 * 41 * 25
+    with pytest.raises(ValueError, match="bits"):
+        core.find_pair_check([1, 2], 2, 1, 2, 8)
+    with pytest.raises(ValueError, match="past"):
+        core.find_pair_check([1, 2], 3, 1, 2, 16)
+
+
 def test_native_counter_and_merge_progress(tmp_path):
     from tokenizer import native
 

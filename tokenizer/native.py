@@ -10,15 +10,11 @@ implementation, which gives identical results, is used.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import shutil
-import subprocess
 import sys
-import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -100,6 +96,11 @@ def build(cache_dir: Path | None = None) -> Path:
     out = cache / f"{NAME}-{tag}{suffix}"
     if out.exists():
         return out
+    import fcntl  # only a compile needs these: a cached build skips importing them (~10 ms a start)
+    import shutil
+    import subprocess
+    import sysconfig
+
     cache.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
