@@ -282,18 +282,20 @@ def _scaling_row(runs: list, gbs: list[float], repeats: list[int], read_s: list[
 def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, results, quick):
     """Training time per GB and peak memory over corpora 16x apart in size (one worker, vocab
     10,000): the merge loop's cost follows the unique pretokens, which a Zipf tail makes grow far
-    slower than the corpus, so time per GB falls with size; the goal is a spread within 1.3x and
+    slower than the corpus, so time per GB is highest at the smallest size; the goal is a spread within 1.3x and
     peak memory within 1.5x between the two largest. Each corpus is read once before its runs (a
     warm page cache), and CPU seconds are kept beside wall seconds.
 
-    Equal work per size: in each round every size trains on as many bytes as the largest (the
-    0.25 GB corpus 16 times, the 1 GB one 4 times, the 4 GB one once), so each size's time per GB
+    Equal work per size: in each round every size trains on about as many bytes as the largest
+    (the 0.25 GB corpus 16 times, the 1 GB one 4 times, the 4 GB one once; with --bench-quick 21
+    runs of ~25 s in all), so each size's time per GB
     is measured over a window as long as the largest run's. This host's speed moved 1.7x within
     an hour; a fastest-of-N over runs of 5 s and of 60 s favours the short ones, which catch the
     fast minutes that a long run averages over. The rounds alternate the order of the sizes
     (``$BENCH_ZIPF_ROUNDS``, default 2; 1 with --bench-quick), and the spread is that of the
     summed time per GB over all rounds; each round's spread and each size's fastest single run
-    are kept beside it."""
+    are kept beside it (``wall_s_runs``: every run of a size, round after round; ``warm_read_s``:
+    the last round's read)."""
     if os.environ.get("BENCH_ZIPF_GB"):
         sizes = tuple(float(g) for g in os.environ["BENCH_ZIPF_GB"].split(","))
     else:

@@ -590,11 +590,16 @@ def test_native_merges_are_the_same_with_16_and_32_bit_symbols(tmp_path, shared_
 def test_native_pair_scan_matches_the_scalar_loop():
     """The merge loop finds a pair in a word 16 bytes at a time (SSE2), reading past the word's
     end: against a plain Python scan and the scalar loop (what builds without SSE2 run), over every
-    length up to 40, pairs at the edges and beyond the end, a == b, and ids that differ only in
-    their high bits."""
+    length up to 40, pairs at the edges and beyond the end, a == b, and ids that differ from the
+    pair's in one bit, low or high. The symbols end just before an unreadable page, past the room
+    the merge loop leaves: a longer read kills the test."""
+    import platform
+
     from tokenizer import native
 
     core = native.load()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert core.pair_scan == "sse2"
 
     def expect(syms, n, a, b):
         return next((j for j in range(n - 1) if syms[j] == a and syms[j + 1] == b), n)
@@ -606,7 +611,9 @@ def test_native_pair_scan_matches_the_scalar_loop():
         for n in range(41):
             for _ in range(25):
                 a, b = rng.choice([(1, 2), (5, 5), (big, 0), (0x1234, 0x1235)])
-                alphabet = [a, b, a ^ 0x100, b ^ 1, 7]
+                alphabet = [a, b, a ^ 0x100, b ^ 1, a ^ (big + 1 >> 1), b ^ (big + 1 >> 1), 7]
+                if bits == 32:
+                    alphabet += [a ^ 0x10000, b ^ 0x10000]
                 syms = [rng.choice(alphabet) for _ in range(n + rng.randrange(0, 20))]
                 got = core.find_pair_check(syms, n, a, b, bits)
                 assert got == (expect(syms, n, a, b),) * 2, (bits, n, a, b, syms)
@@ -620,6 +627,8 @@ def test_native_pair_scan_matches_the_scalar_loop():
         core.find_pair_check([1, 2], 2, 1, 2, 8)
     with pytest.raises(ValueError, match="past"):
         core.find_pair_check([1, 2], 3, 1, 2, 16)
+    with pytest.raises(ValueError, match="fit"):
+        core.find_pair_check([1, 70000], 2, 1, 2, 16)
 
 
 def test_native_counter_and_merge_progress(tmp_path):

@@ -26,6 +26,10 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if __has_include(<sys/mman.h>)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 namespace py = pybind11;
 
@@ -314,7 +318,9 @@ struct Candidate {
 // The first j with s[j] == a and s[j + 1] == b and j + 1 < n; n when there is none. With SSE2
 // (every x86-64) one compare tests 16 bytes of positions, with no branch per symbol: the merge
 // loop's word scan, whose exit a byte-at-a-time loop mispredicted once a word (merge phase at
-// 0.25 GB: median 1.13 -> 0.90 s). It reads up to 16 bytes past s[n - 1]: callers leave room.
+// 0.25 GB: median 1.13 -> 0.90 s). It reads up to 14 bytes past s[n - 1]: callers leave kScanSlack.
+constexpr size_t kScanSlack = 32;  // bytes find_pair may read past a word (at most 14 are)
+
 template <class Sym>
 inline uint32_t find_pair_scalar(const Sym* s, uint32_t n, Sym a, Sym b) {
   uint32_t j = 0;
@@ -346,15 +352,37 @@ inline uint32_t find_pair(const Sym* s, uint32_t n, Sym a, Sym b) {
 }
 
 // Tests: find_pair and its scalar form over `syms` (16 or 32 bits), whose entries past n stand
-// for the next word's bytes.
+// for the next word's bytes. The symbols end kScanSlack bytes before an unreadable page where
+// the system has one, as the merge loop's last word ends before the end of its array: a read
+// past that room faults.
 std::pair<uint32_t, uint32_t> find_pair_check(const std::vector<uint32_t>& syms, uint32_t n, uint32_t a, uint32_t b, int bits) {
   if (bits != 16 && bits != 32) throw std::invalid_argument("bits must be 16 or 32");
   if (n > syms.size()) throw std::invalid_argument("n is past the symbols");
+  const uint64_t top = bits == 16 ? UINT16_MAX : UINT32_MAX;
+  for (uint32_t x : syms)
+    if (x > top) throw std::invalid_argument("a symbol does not fit in the bits");
+  if (a > top || b > top) throw std::invalid_argument("the pair does not fit in the bits");
   auto run = [&](auto zero) {
     using Sym = decltype(zero);
-    std::vector<Sym> v(syms.begin(), syms.end());
-    v.resize(syms.size() + 32 / sizeof(Sym), Sym(a));  // the room find_pair may read
-    return std::make_pair(find_pair<Sym>(v.data(), n, Sym(a), Sym(b)), find_pair_scalar<Sym>(v.data(), n, Sym(a), Sym(b)));
+    const size_t bytes = syms.size() * sizeof(Sym) + kScanSlack;
+#if __has_include(<sys/mman.h>)
+    const size_t page = size_t(sysconf(_SC_PAGESIZE)), span = (bytes + page - 1) / page * page;
+    void* mem = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) throw std::bad_alloc();
+    char* base = static_cast<char*>(mem);
+    mprotect(base + span, page, PROT_NONE);
+    Sym* v = reinterpret_cast<Sym*>(base + span - bytes);
+#else
+    std::vector<Sym> room(bytes / sizeof(Sym));
+    Sym* v = room.data();
+#endif
+    for (size_t i = 0; i < syms.size(); ++i) v[i] = Sym(syms[i]);
+    for (size_t i = syms.size(); i < bytes / sizeof(Sym); ++i) v[i] = Sym(a);  // the room: a's, to tempt a match
+    auto got = std::make_pair(find_pair<Sym>(v, n, Sym(a), Sym(b)), find_pair_scalar<Sym>(v, n, Sym(a), Sym(b)));
+#if __has_include(<sys/mman.h>)
+    munmap(mem, span + page);
+#endif
+    return got;
   };
   return bits == 16 ? run(uint16_t(0)) : run(uint32_t(0));
 }
@@ -639,7 +667,7 @@ class MergeTrainer {
   // of its words once. Symbols are 16-bit where the vocab and every word fit (merge_counts picks):
   // the words' memory, which the merge loop reads at random, is then 0.6x of 32-bit symbols.
   static constexpr uint32_t kLen = sizeof(int64_t) / sizeof(Sym), kHeader = kLen + 1;
-  static constexpr size_t kSlack = 32 / sizeof(Sym);  // find_pair's reads past the last word
+  static constexpr size_t kSlack = kScanSlack / sizeof(Sym);  // find_pair's reads past the last word
   int64_t freq(uint32_t w) const {
     int64_t f;
     std::memcpy(&f, &data_[w], sizeof f);
@@ -1106,6 +1134,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("consume") = false, py::arg("prune") = kPrune, py::arg("stats") = py::none(), py::arg("symbol_bits") = 0,
         "run BPE merges over a PretokenCounter's pretokens; returns the merges");
   m.def("find_pair_check", &find_pair_check, "tests: (find_pair, its scalar form) over symbols of 16 or 32 bits");
+#if defined(__SSE2__)
+  m.attr("pair_scan") = "sse2";
+#else
+  m.attr("pair_scan") = "scalar";
+#endif
   m.def("pretoken_spans", &pretoken_spans, "byte spans of the pretokens of a UTF-8 text");
   m.def("merge", &merge, py::arg("pretokens"), py::arg("freqs"), py::arg("num_merges"), py::arg("prune") = kPrune,
         py::arg("stats") = py::none(), py::arg("symbol_bits") = 0, "run BPE merges over pretokens with counts; returns the merges");
