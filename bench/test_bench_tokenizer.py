@@ -246,10 +246,11 @@ def _zipf_corpus(gb: float) -> Path:
     return path
 
 
-def _scaling_row(runs: list, gbs: list[float], repeats: list[int], read_s: list[float]) -> dict:
+def _scaling_row(runs: list, gbs: list[float], read_s: list[float]) -> dict:
     """The ladder's results row from ``runs[round][size]``, lists of (wall, peak, cpu) per run."""
     every = [[run for rr in runs for run in rr[i]] for i in range(len(gbs))]  # per size, all rounds
-    per_gb = [sum(w for w, *_ in rs) / (len(rs) * gb) for rs, gb in zip(every, gbs)]
+    mean = [sum(w for w, *_ in rs) / len(rs) for rs in every]
+    per_gb = [m / gb for m, gb in zip(mean, gbs)]
     cpu_per_gb = [sum(c for *_, c in rs) / (len(rs) * gb) for rs, gb in zip(every, gbs)]
     round_per_gb = [[sum(w for w, *_ in rr[i]) / (len(rr[i]) * gb) for i, gb in enumerate(gbs)] for rr in runs]
     fastest = [min(w for w, *_ in rs) for rs in every]
@@ -261,10 +262,10 @@ def _scaling_row(runs: list, gbs: list[float], repeats: list[int], read_s: list[
         vocab_size=10000,
         workers=1,
         rounds=len(runs),
-        runs_per_round=repeats,
+        runs_per_round=[len(rs) for rs in runs[0]],
         sizes_gb=gbs,
         s_per_gb=per_gb,
-        wall_s_mean=[sum(w for w, *_ in rs) / len(rs) for rs in every],
+        wall_s_mean=mean,
         wall_s_runs=[[w for w, *_ in rs] for rs in every],
         cpu_s_per_gb=cpu_per_gb,
         warm_read_s=read_s,
@@ -288,8 +289,8 @@ def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, resul
 
     Equal work per size: in each round every size trains on about as many bytes as the largest
     (the 0.25 GB corpus 16 times, the 1 GB one 4 times, the 4 GB one once; with --bench-quick 21
-    runs of ~25 s in all), so each size's time per GB
-    is measured over a window as long as the largest run's. This host's speed moved 1.7x within
+    runs of ~25 s in all), so each size's time per GB is measured over a window as long as the
+    largest run's. This host's speed moved 1.7x within
     an hour; a fastest-of-N over runs of 5 s and of 60 s favours the short ones, which catch the
     fast minutes that a long run averages over. The rounds alternate the order of the sizes
     (``$BENCH_ZIPF_ROUNDS``, default 2; 1 with --bench-quick), and the spread is that of the
@@ -312,16 +313,16 @@ def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, resul
         order = range(len(sizes)) if r % 2 == 0 else reversed(range(len(sizes)))
         for i in order:
             read_s[i] = _warm_page_cache(corpora[i])
+            train = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpora[i]), "--vocab-size", "10000"]
+            train += ["--special-token", EOT, "--workers", "1", "--quiet"]
             for k in range(repeats[i]):
-                out = tmp_path_factory.mktemp("zipf")
-                cmd = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpora[i]), "--vocab-size", "10000"]
-                cmd += ["--special-token", EOT, "--out", str(out), "--workers", "1", "--quiet"]
+                cmd = train + ["--out", str(tmp_path_factory.mktemp("zipf"))]
                 # The CLI's process-tree peak: with one worker and the compiled core, the trainer's own.
                 if r == 0 and k == 0 and i == 0:
                     got = benchmark.pedantic(_run_measured, args=(cmd,), rounds=1, iterations=1)
                 else:
                     got = _run_measured(cmd)
                 runs[r][i].append(got)
-    row = _scaling_row(runs, gbs, repeats, read_s)
+    row = _scaling_row(runs, gbs, read_s)
     results.add(**row)
     benchmark.extra_info.update(row)

@@ -351,6 +351,12 @@ inline uint32_t find_pair(const Sym* s, uint32_t n, Sym a, Sym b) {
 #endif
 }
 
+#if defined(__SSE2__)
+constexpr const char* kPairScan = "sse2";  // which find_pair this build runs (the module's pair_scan)
+#else
+constexpr const char* kPairScan = "scalar";
+#endif
+
 // Tests: find_pair and its scalar form over `syms` (16 or 32 bits), whose entries past n stand
 // for the next word's bytes. The symbols end kScanSlack bytes before an unreadable page where
 // the system has one, as the merge loop's last word ends before the end of its array: a read
@@ -369,8 +375,9 @@ std::pair<uint32_t, uint32_t> find_pair_check(const std::vector<uint32_t>& syms,
     const size_t page = size_t(sysconf(_SC_PAGESIZE)), span = (bytes + page - 1) / page * page;
     void* mem = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) throw std::bad_alloc();
+    struct Unmap { void* p; size_t n; ~Unmap() { munmap(p, n); } } unmap{mem, span + page};
     char* base = static_cast<char*>(mem);
-    mprotect(base + span, page, PROT_NONE);
+    if (mprotect(base + span, page, PROT_NONE) != 0) throw std::runtime_error("mprotect failed");
     Sym* v = reinterpret_cast<Sym*>(base + span - bytes);
 #else
     std::vector<Sym> room(bytes / sizeof(Sym));
@@ -378,11 +385,7 @@ std::pair<uint32_t, uint32_t> find_pair_check(const std::vector<uint32_t>& syms,
 #endif
     for (size_t i = 0; i < syms.size(); ++i) v[i] = Sym(syms[i]);
     for (size_t i = syms.size(); i < bytes / sizeof(Sym); ++i) v[i] = Sym(a);  // the room: a's, to tempt a match
-    auto got = std::make_pair(find_pair<Sym>(v, n, Sym(a), Sym(b)), find_pair_scalar<Sym>(v, n, Sym(a), Sym(b)));
-#if __has_include(<sys/mman.h>)
-    munmap(mem, span + page);
-#endif
-    return got;
+    return std::make_pair(find_pair<Sym>(v, n, Sym(a), Sym(b)), find_pair_scalar<Sym>(v, n, Sym(a), Sym(b)));
   };
   return bits == 16 ? run(uint16_t(0)) : run(uint32_t(0));
 }
@@ -1134,11 +1137,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("consume") = false, py::arg("prune") = kPrune, py::arg("stats") = py::none(), py::arg("symbol_bits") = 0,
         "run BPE merges over a PretokenCounter's pretokens; returns the merges");
   m.def("find_pair_check", &find_pair_check, "tests: (find_pair, its scalar form) over symbols of 16 or 32 bits");
-#if defined(__SSE2__)
-  m.attr("pair_scan") = "sse2";
-#else
-  m.attr("pair_scan") = "scalar";
-#endif
+  m.attr("pair_scan") = kPairScan;
   m.def("pretoken_spans", &pretoken_spans, "byte spans of the pretokens of a UTF-8 text");
   m.def("merge", &merge, py::arg("pretokens"), py::arg("freqs"), py::arg("num_merges"), py::arg("prune") = kPrune,
         py::arg("stats") = py::none(), py::arg("symbol_bits") = 0, "run BPE merges over pretokens with counts; returns the merges");
