@@ -258,6 +258,7 @@ def _scaling_row(runs: list, gbs: list[float], read_s: list[float]) -> dict:
     peaks = [max(p for _, p, _ in rs) for rs in every]  # memory: the largest of any run
     row = dict(
         kind="tokenizer_train_scaling",
+        schedule="palindrome",  # each round: every size's runs centred on the largest run
         corpus="zipf_seed0",
         vocab_size=10000,
         workers=1,
@@ -280,6 +281,15 @@ def _scaling_row(runs: list, gbs: list[float], read_s: list[float]) -> dict:
     return row
 
 
+def _palindrome(repeats: list[int]) -> list[tuple[int, int]]:
+    """One round's blocks of runs, (size index, runs), smallest size first: half of each size's runs
+    on the way up to the largest, the rest on the way back down (0.25 GB x8, 1 GB x2, 4 GB x1,
+    1 GB x2, 0.25 GB x8), so that every size's runs are centred on the same moment of the round."""
+    up = [(i, n // 2) for i, n in enumerate(repeats) if n // 2]
+    down = [(i, n - n // 2) for i, n in reversed(list(enumerate(repeats)))]
+    return up + down
+
+
 def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, results, quick):
     """Training time per GB and peak memory over corpora 16x apart in size (one worker, vocab
     10,000): the merge loop's cost follows the unique pretokens, which a Zipf tail makes grow far
@@ -290,15 +300,16 @@ def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, resul
     Equal work per size: in each round every size trains on about as many bytes as the largest
     (the 0.25 GB corpus 16 times, the 1 GB one 4 times, the 4 GB one once; with --bench-quick 21
     runs of ~25 s in all), so each size's time per GB is measured over a window as long as the
-    largest run's. This host's speed moved 1.7x within
-    an hour; a fastest-of-N over runs of 5 s and of 60 s favours the short ones, which catch the
-    fast minutes that a long run averages over. The rounds alternate the order of the sizes
-    (``$BENCH_ZIPF_ROUNDS``, default 2; 1 with --bench-quick), and the spread is that of the
-    summed time per GB over all rounds; each round's spread and each size's fastest single run
-    are kept beside it (``wall_s_runs``: every run of a size, round after round; ``warm_read_s``:
-    the last round's read)."""
+    largest run's. This host's speed moved 1.7x within an hour; a fastest-of-N over runs of 5 s
+    and of 60 s favours the short ones, which catch the fast minutes that a long run averages
+    over. Each round runs the sizes as a palindrome about the largest (``_palindrome``), so a
+    drift in the host's speed over the round reaches every size alike; the rounds
+    (``$BENCH_ZIPF_ROUNDS``, default 2; 1 with --bench-quick) repeat it. The spread is that of
+    the summed time per GB over all rounds; each round's spread and each size's fastest single
+    run are kept beside it (``wall_s_runs``: every run of a size, in the order run;
+    ``warm_read_s``: the last read)."""
     if os.environ.get("BENCH_ZIPF_GB"):
-        sizes = tuple(float(g) for g in os.environ["BENCH_ZIPF_GB"].split(","))
+        sizes = tuple(sorted(float(g) for g in os.environ["BENCH_ZIPF_GB"].split(",")))
     else:
         sizes = tuple(gb / 16 for gb in ZIPF_GB) if quick else ZIPF_GB
     assert len(sizes) >= 2, "BENCH_ZIPF_GB needs two sizes or more"
@@ -310,15 +321,14 @@ def test_bpe_training_scales_linearly_on_zipf(benchmark, tmp_path_factory, resul
     runs = [[[] for _ in sizes] for _ in range(rounds)]  # per round, per size: (wall, peak, cpu) of each run
     read_s = [0.0] * len(sizes)
     for r in range(rounds):
-        order = range(len(sizes)) if r % 2 == 0 else reversed(range(len(sizes)))
-        for i in order:
+        for step, (i, n) in enumerate(_palindrome(repeats)):
             read_s[i] = _warm_page_cache(corpora[i])
             train = [sys.executable, "-m", "tokenizer", "train", "--input", str(corpora[i]), "--vocab-size", "10000"]
             train += ["--special-token", EOT, "--workers", "1", "--quiet"]
-            for k in range(repeats[i]):
+            for k in range(n):
                 cmd = train + ["--out", str(tmp_path_factory.mktemp("zipf"))]
                 # The CLI's process-tree peak: with one worker and the compiled core, the trainer's own.
-                if r == 0 and k == 0 and i == 0:
+                if r == 0 and step == 0 and k == 0:
                     got = benchmark.pedantic(_run_measured, args=(cmd,), rounds=1, iterations=1)
                 else:
                     got = _run_measured(cmd)
