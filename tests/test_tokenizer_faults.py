@@ -81,7 +81,16 @@ def _truncate_at_line(path: Path) -> None:
 @pytest.mark.parametrize(
     "damage, exc, msg",
     [
-        (lambda d: _truncate_at_line(d / "merges.txt"), ValueError, r"merges.txt is damaged: \d+ bytes"),
+        (
+            lambda d: _truncate_at_line(d / "merges.txt"),
+            ValueError,
+            r"merges.txt is damaged: \d+ bytes.*\(truncated\?\)",
+        ),
+        (
+            lambda d: (d / "special_tokens.json").write_text(json.dumps([EOT, "<|pad|>"])),
+            ValueError,
+            r"special_tokens.json is damaged: \d+ bytes.*\(edited or appended to\?\).*Tokenizer.from_files",
+        ),
         (lambda d: (d / "special_tokens.json").unlink(), FileNotFoundError, r"special_tokens.json is missing"),
         (lambda d: (d / "vocab.json").write_text((d / "vocab.json").read_text()[:100]), ValueError, "vocab.json"),
         (
@@ -99,6 +108,20 @@ def test_damaged_files_are_named(saved, damage, exc, msg):
     damage(d)
     with pytest.raises(exc, match=msg):
         Tokenizer.load(d)
+
+
+def test_a_meant_edit_loads_once_saved_again(saved):
+    """What the damaged-file message advises for a deliberate edit: from_files, then save."""
+    tok, d = saved
+    (d / "special_tokens.json").write_text(json.dumps([EOT, "<|pad|>"]))
+    with pytest.raises(ValueError, match="edited or appended to"):
+        Tokenizer.load(d)
+    specials = json.loads((d / "special_tokens.json").read_text())
+    Tokenizer.from_files(d / "vocab.json", d / "merges.txt", specials).save(d)
+    again = Tokenizer.load(d)
+    assert again.special_tokens == [EOT, "<|pad|>"]
+    pad = len(tok.vocab)
+    assert again.encode("the cat<|pad|>") == tok.encode("the cat") + [pad]
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,12 @@ def from_printable(s: str) -> bytes:
 META_FORMAT = "fastlm-bpe-1"
 
 
+_EDITED_HINT = (
+    "; if the change was meant, load the files with Tokenizer.from_files and save them again,"
+    " which writes a new meta.json"
+)
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer. ``vocab``: id -> bytes; ``merges``: in creation order."""
 
@@ -413,11 +419,15 @@ class Tokenizer:
                     raise FileNotFoundError(f"{f} is missing (listed in {d / 'meta.json'})")
                 data = f.read_bytes()
                 if len(data) != want["bytes"]:
+                    why = "truncated?" if len(data) < want["bytes"] else "edited or appended to?"
                     raise ValueError(
-                        f"{f} is damaged: {len(data)} bytes, {d / 'meta.json'} records {want['bytes']} (truncated?)"
+                        f"{f} is damaged: {len(data)} bytes, {d / 'meta.json'} records {want['bytes']} ({why})"
+                        + _EDITED_HINT
                     )
                 if hashlib.sha256(data).hexdigest() != want["sha256"]:
-                    raise ValueError(f"{f} is damaged: its sha256 differs from the one in {d / 'meta.json'}")
+                    raise ValueError(
+                        f"{f} is damaged: its sha256 differs from the one in {d / 'meta.json'}" + _EDITED_HINT
+                    )
         special_path = d / "special_tokens.json"
         specials = _read_json(special_path, list) if special_path.exists() else []
         tok = cls.from_files(d / "vocab.json", d / "merges.txt", specials)
