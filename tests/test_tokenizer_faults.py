@@ -78,6 +78,10 @@ def _truncate_at_line(path: Path) -> None:
     path.write_text("".join(lines[: len(lines) // 2]))
 
 
+def _add_special_token(d: Path) -> None:
+    (d / "special_tokens.json").write_text(json.dumps([EOT, "<|pad|>"]))
+
+
 @pytest.mark.parametrize(
     "damage, exc, msg",
     [
@@ -87,7 +91,7 @@ def _truncate_at_line(path: Path) -> None:
             r"merges.txt is damaged: \d+ bytes.*\(truncated\?\)",
         ),
         (
-            lambda d: (d / "special_tokens.json").write_text(json.dumps([EOT, "<|pad|>"])),
+            _add_special_token,
             ValueError,
             r"special_tokens.json is damaged: \d+ bytes.*\(edited or appended to\?\).*Tokenizer.from_files",
         ),
@@ -113,7 +117,7 @@ def test_damaged_files_are_named(saved, damage, exc, msg):
 def test_a_meant_edit_loads_once_saved_again(saved):
     """What the damaged-file message advises for a deliberate edit: from_files, then save."""
     tok, d = saved
-    (d / "special_tokens.json").write_text(json.dumps([EOT, "<|pad|>"]))
+    _add_special_token(d)
     with pytest.raises(ValueError, match="edited or appended to"):
         Tokenizer.load(d)
     specials = json.loads((d / "special_tokens.json").read_text())

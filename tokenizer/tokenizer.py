@@ -74,10 +74,12 @@ def from_printable(s: str) -> bytes:
 META_FORMAT = "fastlm-bpe-1"
 
 
-_EDITED_HINT = (
-    "; if the change was meant, load the files with Tokenizer.from_files and save them again,"
-    " which writes a new meta.json"
-)
+def _damaged(f: Path, detail: str) -> ValueError:
+    """The error for a file that does not match meta.json, with the way to keep a meant edit."""
+    return ValueError(
+        f"{f} is damaged: {detail}; if the change was meant, load the files with Tokenizer.from_files"
+        " and save them again, which writes a new meta.json"
+    )
 
 
 class Tokenizer:
@@ -420,14 +422,9 @@ class Tokenizer:
                 data = f.read_bytes()
                 if len(data) != want["bytes"]:
                     why = "truncated?" if len(data) < want["bytes"] else "edited or appended to?"
-                    raise ValueError(
-                        f"{f} is damaged: {len(data)} bytes, {d / 'meta.json'} records {want['bytes']} ({why})"
-                        + _EDITED_HINT
-                    )
+                    raise _damaged(f, f"{len(data)} bytes, {d / 'meta.json'} records {want['bytes']} ({why})")
                 if hashlib.sha256(data).hexdigest() != want["sha256"]:
-                    raise ValueError(
-                        f"{f} is damaged: its sha256 differs from the one in {d / 'meta.json'}" + _EDITED_HINT
-                    )
+                    raise _damaged(f, f"its sha256 differs from the one in {d / 'meta.json'}")
         special_path = d / "special_tokens.json"
         specials = _read_json(special_path, list) if special_path.exists() else []
         tok = cls.from_files(d / "vocab.json", d / "merges.txt", specials)
