@@ -418,6 +418,7 @@ class MergeTrainer {
     // loop: 0.33 -> 0.15 s over 1.7M words), and counts the words each pair is in, so that each
     // word list is allocated once at its size (grown by doubling, they held ~1.5x their words).
     std::vector<uint32_t> listed(1 << 16, 0), last(1 << 16, UINT32_MAX);  // per byte pair: words, last word
+    std::vector<int64_t> occurs(1 << 16, 0);  // per byte pair: its count
     size_t at = 0;
     for (const auto& e : counts.entries()) {
       if (e.len < 2) continue;
@@ -431,6 +432,7 @@ class MergeTrainer {
         data_[at++] = k[j];
         if (j + 1 == e.len) break;
         const uint32_t bp = (uint32_t(k[j]) << 8) | k[j + 1];
+        occurs[bp] += e.count;
         if (last[bp] != w) { last[bp] = w; ++listed[bp]; }
       }
     }
@@ -438,10 +440,25 @@ class MergeTrainer {
     std::vector<uint32_t> byte_pair(1 << 16, PairIndex::kNone);  // per byte pair: its pair index
     for (uint32_t bp = 0; bp < listed.size(); ++bp) {
       if (listed[bp] == 0) continue;
-      byte_pair[bp] = pairs_.get(key(bp >> 8, bp & 0xFF));
-      pairs_.words[byte_pair[bp]].reserve(listed[bp]);
+      const uint32_t p = pairs_.get(key(bp >> 8, bp & 0xFF));
+      byte_pair[bp] = p;
+      pairs_.count[p] = occurs[bp];
+      pairs_.words[p].resize(listed[bp]);
     }
-    count_pairs([&](uint32_t x, uint32_t y) { return byte_pair[(x << 8) | y]; });
+    // Each list filled through a cursor at its final size, the counts summed in the pass above:
+    // no push_back and no count per pair here (set-up at 0.25 GB: median 0.172 -> 0.152 s).
+    std::vector<uint32_t*> fill(pairs_.count.size());
+    std::vector<uint32_t> seen(pairs_.count.size(), UINT32_MAX);
+    for (uint32_t p = 0; p < fill.size(); ++p) fill[p] = pairs_.words[p].data();
+    for (uint32_t w : starts_) {
+      const Sym* s = &data_[w + kHeader];
+      const uint32_t n = data_[w + kLen];
+      for (uint32_t j = 0; j + 1 < n; ++j) {
+        const uint32_t p = byte_pair[(uint32_t(s[j]) << 8) | s[j + 1]];
+        if (seen[p] != w) { seen[p] = w; *fill[p]++ = w; }
+      }
+    }
+    fill_heap();
   }
 
   // One merge; false when no pair is left.
@@ -493,6 +510,10 @@ class MergeTrainer {
         if (ws.empty() || ws.back() != w) ws.push_back(w);
       }
     }
+    fill_heap();
+  }
+
+  void fill_heap() {
     heap_.clear();
     for (uint32_t p = 0; p < pairs_.count.size(); ++p)
       if (pairs_.count[p] > 0) heap_.push_back({pairs_.count[p], p});
