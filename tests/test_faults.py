@@ -287,10 +287,14 @@ def test_resume_never_refuses_an_existing_run_and_touches_nothing(tmp_path, toke
 def test_resume_with_changed_model_or_data_settings_is_refused(tmp_path, token_file, change, listed):
     assert run(train_cmd(tmp_path, "c", token_file, "--max-steps", "2", "--checkpoint-interval", "2")).returncode == 0
     config = (tmp_path / "c" / "config.json").read_text()
+    summary = (tmp_path / "c" / "summary.json").read_text()
     r = run(train_cmd(tmp_path, "c", token_file, "--max-steps", "4", *change))
     assert r.returncode == 1
     assert listed in one_line_error(r.stderr)
     assert (tmp_path / "c" / "config.json").read_text() == config
+    # The refused attempt trained nothing: the run's record stays the finished attempt's.
+    assert (tmp_path / "c" / "summary.json").read_text() == summary
+    assert json.loads(summary)["status"] == "finished"
 
 
 @pytest.mark.slow

@@ -131,6 +131,7 @@ class Trainer:
         self.stopper.install()
         self.status = "not started"
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.training_started = False  # set by train(): record_failure keeps an earlier summary until then
         self.best_val, self.last_val, self.last_train = float("inf"), None, None
         self.run_dir = RunDir(Path(run.out_dir) / self._run_name(), self.dist.is_main)
         self.wandb = None
@@ -487,6 +488,7 @@ class Trainer:
         """Run until the last step, a signal or the time budget; returns the exit code."""
         r = self.run
         self.stopper.enter_training()
+        self.training_started = True
         first_step = self.step
         self.t_loop, self.t_log = time.time(), time.time()
         # For the time budget's reserve: the first step (compilation, warm-up) and the evals and
@@ -631,8 +633,13 @@ class Trainer:
         return STATUS_EXIT[status]
 
     def record_failure(self, message: str, exit_code: int) -> None:
-        """summary.json for a run that stopped on an error (a full disk, a bug): status "failed"."""
+        """summary.json for a run that stopped on an error (a full disk, a bug): status "failed".
+        An attempt that failed before training (a refused resume, a missing file) leaves an earlier
+        attempt's summary.json alone: the run's record is still what that attempt trained, and
+        Slurm's finish_job reads an unchanged summary as none, ending with this exit code."""
         if self.dist.is_main and self.run_dir.locked:
+            if not self.training_started and (self.run_dir.path / "summary.json").exists():
+                return
             summary = {"status": "failed", "exit_code": exit_code, "error": message, "step": self.step}
             try:
                 self.run_dir.write_json("summary.json", summary)
