@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench.results import LOCAL_RESULTS_DIR, RESULTS_DIR, load_results
+from bench.results import LOCAL_RESULTS_DIR, RESULTS_DIR, NotAResultsFile, load_results
 
 
 def _fmt(v, nd=2):
@@ -377,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"note: no metrics.jsonl in {', '.join(missing)}; those runs are left out", file=sys.stderr)
     runs = [r for r in args.runs or [] if r not in missing]
-    print(build_report(paths, args.out, runs))
+    try:
+        print(build_report(paths, args.out, runs))
+    except NotAResultsFile as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

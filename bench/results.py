@@ -85,6 +85,10 @@ class ResultsWriter:
         return self.path
 
 
+class NotAResultsFile(ValueError):
+    """A file given as results that is not one (empty, not JSON, no rows)."""
+
+
 def load_results(paths: list[str | Path]) -> list[dict]:
     """All rows of the given result files (or directories of them), each with its file's meta."""
     files: list[Path] = []
@@ -92,7 +96,12 @@ def load_results(paths: list[str | Path]) -> list[dict]:
         files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
     rows = []
     for f in files:
-        data = json.loads(f.read_text())
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise NotAResultsFile(f"{f} is not a results file (not JSON: {e})") from None
+        if not isinstance(data, dict):
+            raise NotAResultsFile(f"{f} is not a results file (no rows)")
         for r in data.get("rows", []):
             rows.append({**data.get("meta", {}), **r, "file": results_file_name(f)})
     return rows

@@ -238,3 +238,14 @@ def test_op_count_of_a_training_step():
     )  # clipping's norm (the factor is applied in AdamW)
     assert sum(triton_ops.values()) < sum(torch_ops.values()) / 2
     assert main(["--preset", "smoke", "--kernels", "torch", "--top", "3"]) == 0
+
+
+def test_report_names_a_file_that_is_not_results(tmp_path, capsys):
+    from bench.report import main as report_main
+
+    for text in ("", "not json", "[1, 2]"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        assert report_main([str(bad), "--out", str(tmp_path / "rep")]) == 1, text
+        err = capsys.readouterr().err
+        assert f"{bad} is not a results file" in err and "Traceback" not in err, err

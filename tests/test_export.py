@@ -242,6 +242,15 @@ def test_export_cli_refusal_is_one_line(tmp_path, capsys):
     assert err.startswith(f"error: cannot export {ckpt}") and "--post-norm" in err and "\n" not in err
     assert export_main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "hf")]) == 1
     assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "a_file")]) == 1
+    assert "--out is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert (
+        export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "empty")])
+        == 1
+    )
+    assert f"--tokenizer {tmp_path / 'empty'} holds no vocab.json" in capsys.readouterr().err
 
 
 LLAMA = {

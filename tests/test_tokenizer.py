@@ -108,6 +108,7 @@ def test_special_tokens_never_merge_into_text(tmp_path):
     "setup,exc,msg",
     [
         (lambda p: None, FileNotFoundError, "not found"),
+        (lambda p: p.mkdir(), FileNotFoundError, "is a directory, not a file"),
         (lambda p: p.write_text(""), ValueError, "empty"),
         (lambda p: p.write_bytes(b"hello \xff\xfe world"), ValueError, "offset 6"),
     ],

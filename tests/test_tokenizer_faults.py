@@ -202,3 +202,25 @@ def test_cli_names_damaged_tokenizer(saved, tmp_path, capsys):
     assert cli_main(["encode", "--tokenizer", str(d), "--input", str(src), "--out", str(tmp_path / "o.bin")]) == 1
     assert "special_tokens.json is missing" in capsys.readouterr().err
     assert json.loads((d / "meta.json").read_text())["files"]
+
+
+def test_cli_paths_of_the_wrong_kind_are_named_before_any_work(saved, tmp_path, capsys):
+    """A file where a directory is expected, or the reverse: one line saying which, not a
+    traceback, and an encode whose output is a directory refuses before encoding anything."""
+    _, d = saved
+    src = tmp_path / "in.txt"
+    src.write_text("hello world " * 100)
+    a_file, a_dir = tmp_path / "a_file", tmp_path / "a_dir"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    cases = [
+        (["train", "--input", str(src), "--vocab-size", "260", "--out", str(a_file)], "--out is a file"),
+        (["train", "--input", str(a_dir), "--vocab-size", "260", "--out", str(tmp_path / "t")], "is a directory"),
+        (["encode", "--tokenizer", str(d), "--input", str(src), "--out", str(a_dir)], "output is a directory"),
+        (["encode", "--tokenizer", str(d / "vocab.json"), "--input", str(src), "--out", "o.bin"], "is a file, not"),
+    ]
+    for argv, msg in cases:
+        assert cli_main([*argv, "--quiet"]) == 1, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in a_dir.iterdir()) == [] and a_file.read_text() == "x"

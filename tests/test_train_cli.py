@@ -344,6 +344,24 @@ def test_no_data_error_says_what_to_pass(tmp_path, capsys):
     assert "--train-data" in err and "--train-text" in err and "--dataset" in err
 
 
+def test_data_paths_and_durations_that_cannot_work_are_named(tmp_path, capsys):
+    """An empty token file (what encoding an empty text gives), a directory given as a file, a
+    negative step count: one line each, naming the file or the setting."""
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    cases = [
+        (["--train-data", str(empty)], f"{empty}: the token file is empty"),
+        (["--train-data", str(tmp_path)], "token file is a directory, not a file"),
+        (["--train-text", str(tmp_path)], "text file is a directory, not a file"),
+        (["--config", str(tmp_path)], "is a directory, not a file"),
+        (["--train-data", str(empty), "--max-steps", "-3"], "max_steps must not be negative"),
+    ]
+    for argv, msg in cases:
+        assert train_main(SMOKE + ["--out-dir", str(tmp_path / "runs"), *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (argv, err)
+
+
 def test_config_file_and_flags_override_the_preset(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[model]\nd_model = 96\nnum_heads = 4\n[run]\nlr = 0.01\n")
@@ -597,7 +615,7 @@ def test_help_documents_every_setting(capsys):
     assert "[default preset: 1344]" in out
 
 
-def test_generate_and_plot_commands(tmp_path, shared_data, capsys):
+def test_generate_and_plot_commands(tmp_path, shared_data, capsys, monkeypatch):
     from train.generate import main as generate_main
     from train.plot import main as plot_main
 
@@ -648,6 +666,15 @@ def test_generate_and_plot_commands(tmp_path, shared_data, capsys):
     out = capsys.readouterr().out
     assert out.count("The history of") == 2
     assert generate_main(["--checkpoint", str(tmp_path / "none.pt")]) == 1
+    capsys.readouterr()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as a user's CPU run: no interpreter to fall back on
+    for argv, msg in [
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--kernels", "triton", "--device", "cpu"], "--kernels triton needs a CUDA GPU"),
+    ]:
+        assert generate_main(["--checkpoint", str(ckpt), *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
     assert plot_main([str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert plot_main([str(tmp_path), "--out", str(tmp_path / "d.png")]) == 1

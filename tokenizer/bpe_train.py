@@ -14,7 +14,6 @@ from __future__ import annotations
 import heapq
 import os
 from collections import Counter, defaultdict
-from pathlib import Path
 
 from tokenizer import native
 from tokenizer.pretokenize import (
@@ -24,6 +23,7 @@ from tokenizer.pretokenize import (
     chunk_boundaries,
     read_bytes,
     read_text,
+    require_file,
     special_splitter,
     split_on_specials,
 )
@@ -213,9 +213,7 @@ def train_bpe(
     ``use_native=False`` forces the pure-Python path (the compiled core gives the same result).
     """
     special_tokens = validate_special_tokens(list(special_tokens or []), "training special tokens")
-    path = Path(input_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training corpus not found: {path}")
+    path = require_file(input_path, "training corpus")
     if path.stat().st_size == 0:
         raise ValueError(f"training corpus is empty: {path}")
     if vocab_size < 256 + len(special_tokens):

@@ -40,6 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tokenizer.tokenizer import Tokenizer
 
     # Fail on an unwritable output before the training, not after it.
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FileNotFoundError(f"--out is a file, not a directory: {args.out}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not os.access(args.out, os.W_OK):
         raise PermissionError(f"output directory is not writable: {args.out}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer.pretokenize import boundary_token, chunk_boundaries, read_text
+from tokenizer.pretokenize import boundary_token, chunk_boundaries, read_text, require_file
 from tokenizer.progress import progress_bar
 from tokenizer.tokenizer import Tokenizer
 
@@ -132,9 +132,9 @@ def encode_file(
     progress: bool = True,
 ) -> dict:
     """Encode ``input_path`` into ``out_path`` (+ ``.json`` sidecar); returns the sidecar's dict."""
-    input_path, out_path = Path(input_path), Path(out_path)
-    if not input_path.is_file():
-        raise FileNotFoundError(f"input file not found: {input_path}")
+    input_path, out_path = require_file(input_path, "input file"), Path(out_path)
+    if out_path.is_dir():  # found now, not when the finished encode is moved into place
+        raise FileNotFoundError(f"output is a directory, not a file: {out_path}")
     tok = Tokenizer.load(tokenizer_dir)
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {out_path.parent}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import regex
 
@@ -14,6 +15,23 @@ PRETOKEN_RE = regex.compile(GPT2_PATTERN)
 
 class NotUTF8Error(ValueError):
     pass
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path if it is a file; else FileNotFoundError saying whether it is missing or a
+    directory (the message a user would otherwise read as "not found" for a path that exists)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} is a directory, not a file: {p}" if p.is_dir() else f"{what} not found: {p}")
+    return p
+
+
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path if it is a directory; else FileNotFoundError saying missing or a file."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} is a file, not a directory: {p}" if p.exists() else f"{what} not found: {p}")
+    return p
 
 
 def read_text(path: str | os.PathLike, start: int, end: int) -> str:

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tokenizer import native
-from tokenizer.pretokenize import PRETOKEN_RE, SpecialFinder, special_splitter, split_on_specials
+from tokenizer.pretokenize import PRETOKEN_RE, SpecialFinder, require_dir, special_splitter, split_on_specials
 from tokenizer.special import validate_special_tokens
 
 
@@ -410,9 +410,7 @@ class Tokenizer:
         """Load a directory written by ``save`` (or by ``python -m tokenizer train``), or GPT-2's own
         vocab.json + merges.txt. Where meta.json exists every file it lists must match its size and
         sha256 and the loaded counts must match; any difference names the file."""
-        d = Path(directory)
-        if not d.is_dir():
-            raise FileNotFoundError(f"tokenizer directory not found: {d}")
+        d = require_dir(directory, "tokenizer directory")
         meta = _read_json(d / "meta.json", dict) if (d / "meta.json").exists() else None
         if meta is not None and "files" in meta:
             for name, want in meta["files"].items():

@@ -128,6 +128,9 @@ class RunConfig:
             raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError("time_budget must be positive")
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.special_token:
             raise ValueError("special_token must not be empty (it separates documents and stops samples)")
 
@@ -174,9 +177,9 @@ def resume_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
 
 def read_settings_file(path: str | Path, what: str = "config file") -> dict:
     """A TOML (``.toml``) or JSON file as a dict; a clear error when it does not exist or parse."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {p}")
+    from tokenizer.pretokenize import require_file
+
+    p = require_file(path, what)
     try:
         text = p.read_text()
     except OSError as e:

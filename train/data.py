@@ -53,9 +53,9 @@ def batch_from_starts(
 
 def load_tokens(path: str | Path) -> np.memmap:
     """Memory-map a token file written by ``python -m tokenizer encode`` (dtype from its JSON sidecar)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"token file not found: {path}")
+    from tokenizer.pretokenize import require_file
+
+    path = require_file(path, "token file")
     dtype = np.uint16
     sidecar = path.with_suffix(path.suffix + ".json")
     if sidecar.exists():
@@ -64,6 +64,8 @@ def load_tokens(path: str | Path) -> np.memmap:
         raise ValueError(
             f"{path}: size {path.stat().st_size} is not a multiple of {np.dtype(dtype).itemsize} ({dtype})"
         )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the token file is empty (was its text empty?)")
     return np.memmap(path, dtype=dtype, mode="r")
 
 

@@ -154,12 +154,13 @@ def prepare_text(
     encode both texts, cached by content hash."""
     from tokenizer.bpe_train import train_bpe
     from tokenizer.encode import encode_file
+    from tokenizer.pretokenize import require_file
     from tokenizer.tokenizer import Tokenizer
 
     train_text = Path(train_text)
     for p in (train_text, valid_text):
-        if p is not None and not Path(p).is_file():
-            raise FileNotFoundError(f"text file not found: {p}")
+        if p is not None:
+            require_file(p, "text file")
     settings = f"{vocab_size}|{special_token}" if tokenizer is None else f"tokenizer {tokenizer.fingerprint()}"
     key = hashlib.sha256(f"{_file_hash(train_text)}|{settings}".encode()).hexdigest()[:16]
     cache = Path(data_dir) / "prepared" / key

@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         state = load_checkpoint_state(args.checkpoint)
         if "model_config" not in state:
             raise ValueError(f"{args.checkpoint} has no model_config; was it written by python -m train?")
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from train.trainer import check_kernels
+
+        check_kernels(args.kernels, device)
         model = TransformerLM(ModelConfig(**state["model_config"]), kernels=args.kernels).to(device)
         model.load_state_dict(state["model"])
         tok = load_tokenizer_for(args.tokenizer or checkpoint_tokenizer_dir(args.checkpoint, state))
