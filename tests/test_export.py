@@ -157,7 +157,8 @@ def test_exported_directory_has_the_llama_files(smoke_export):
     assert config["intermediate_size"] == c.d_ff and config["max_position_embeddings"] == c.context_length
     assert config["rope_theta"] == c.rope_theta and config["rms_norm_eps"] == c.norm_eps
     assert config["tie_word_embeddings"] is False and config["num_key_value_heads"] == c.num_heads
-    assert config["bos_token_id"] == config["eos_token_id"] == tok.special_ids[EOT]
+    assert config["bos_token_id"] == config["eos_token_id"] == config["pad_token_id"] == tok.special_ids[EOT]
+    assert len({p.stat().st_mode for p in hf.iterdir()}) == 1  # the weights as readable as the JSON files
     generation = json.loads((hf / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tok.special_ids[EOT] and generation["temperature"] == 0.8
 

@@ -300,7 +300,7 @@ def test_handout_worked_example():
     assert merges[:2] == [(b"s", b"t"), (b"e", b"st")]
 
 
-def test_cli_train_and_encode_identical_across_workers(tmp_path, shared_data, monkeypatch):
+def test_cli_train_and_encode_identical_across_workers(tmp_path, shared_data, monkeypatch, capsys):
     monkeypatch.setattr(encode_mod, "CHUNK_BYTES", 20_000)
     tok_dir = tmp_path / "tok"
     assert (
@@ -346,6 +346,7 @@ def test_cli_train_and_encode_identical_across_workers(tmp_path, shared_data, mo
             == 0
         )
         outs.append(out.read_bytes())
+        assert " tokens (uint16) from " in capsys.readouterr().out  # the dtype by name, not "<u2"
     assert outs[0] == outs[1]
     meta = json.loads((tmp_path / "ids1.bin.json").read_text())
     ids = np.fromfile(tmp_path / "ids1.bin", dtype=meta["dtype"])

@@ -81,6 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPE_NAMES = {"<u2": "uint16", "<u4": "uint32"}  # the sidecar's numpy codes, as a person reads them
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from tokenizer.encode import Interrupted, encode_file
 
@@ -95,8 +98,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
         print(f"error: encode {e}: workers stopped, nothing written to {args.out}", file=sys.stderr)
         return 128 + e.signum
     own, child = _peak_rss_mb(children_before)
+    dtype = DTYPE_NAMES.get(meta["dtype"], meta["dtype"])
     print(
-        f"{meta['tokens']:,} tokens ({meta['dtype']}) from {meta['bytes'] / 1e6:.1f} MB in {meta['seconds']:.2f} s "
+        f"{meta['tokens']:,} tokens ({dtype}) from {meta['bytes'] / 1e6:.1f} MB in {meta['seconds']:.2f} s "
         f"= {meta['mb_per_s']:.2f} MB/s with {meta['workers']} worker{'s' * (meta['workers'] != 1)} -> {args.out}"
     )
     print(f"peak memory: {own:.0f} MB" + (f", largest worker process {child:.0f} MB" if child else ""))

@@ -90,7 +90,7 @@ def llama_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None, dtype
         "tie_word_embeddings": False,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
-        "pad_token_id": None,
+        "pad_token_id": eos_id,  # pad = eos, as in generation_config.json
         "initializer_range": 0.02,
         "pretraining_tp": 1,
         "use_cache": True,
@@ -467,6 +467,9 @@ def save_llama_dir(
         generation.update({"do_sample": True, **sampling})
     _write_json(out / CONFIG, config)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / WEIGHTS, 0o666 & ~umask)  # safetensors creates it 0600: readable like the JSON files
     _write_json(out / GENERATION_CONFIG, generation)
     save_hf_tokenizer(out, tok, stop_token, cfg.context_length)
     return out
