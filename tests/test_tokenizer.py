@@ -710,3 +710,19 @@ def test_cli_train_ctrl_c_exits_130_with_a_message(tmp_path, shared_data, capsys
     )
     assert calls and "training stopped by SIGINT: nothing written" in capsys.readouterr().err
     assert not any(out.iterdir())
+
+
+def test_progress_bars_write_a_line_every_30_s_without_a_terminal(tmp_path):
+    """In a log (no terminal) a bar is redrawn every 30 s, not dozens of times a second; its final
+    state is still written when it closes."""
+    import io
+
+    from tokenizer.progress import progress_bar
+
+    log = io.StringIO()  # not a terminal
+    bar = progress_bar(True, total=1000, desc="merges", file=log)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    assert bar.mininterval == 30 and log.getvalue().count("merges") <= 3
+    assert "1000/1000" in log.getvalue()

@@ -22,10 +22,20 @@ class _Hidden:
         pass
 
 
+# Without a terminal (a Slurm log, nohup, CI) a bar is redrawn this rarely: a line every 30 s and
+# the last one, not the dozens a second that a terminal gets, each a line in the log.
+LOG_INTERVAL_S = 30.0
+
+
 def progress_bar(show: bool, **tqdm_kwargs):
     """A ``tqdm.auto`` bar with ``tqdm_kwargs`` when ``show``, else a stand-in with the same surface."""
     if not show:
         return _Hidden()
+    import sys
+
     from tqdm.auto import tqdm
 
+    out = tqdm_kwargs.get("file") or sys.stderr
+    if not (hasattr(out, "isatty") and out.isatty()):
+        tqdm_kwargs.setdefault("mininterval", LOG_INTERVAL_S)
     return tqdm(**tqdm_kwargs)
