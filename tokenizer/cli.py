@@ -37,11 +37,11 @@ def _peak_rss_mb(children_before: int) -> tuple[float, float]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tokenizer.bpe_train import train_bpe
+    from tokenizer.pretokenize import require_dir
     from tokenizer.tokenizer import Tokenizer
 
     # Fail on an unwritable output before the training, not after it.
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise FileNotFoundError(f"--out is a file, not a directory: {args.out}")
+    require_dir(args.out, "--out", may_be_missing=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not os.access(args.out, os.W_OK):
         raise PermissionError(f"output directory is not writable: {args.out}")
@@ -81,9 +81,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-DTYPE_NAMES = {"<u2": "uint16", "<u4": "uint32"}  # the sidecar's numpy codes, as a person reads them
-
-
 def cmd_encode(args: argparse.Namespace) -> int:
     from tokenizer.encode import Interrupted, encode_file
 
@@ -98,7 +95,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
         print(f"error: encode {e}: workers stopped, nothing written to {args.out}", file=sys.stderr)
         return 128 + e.signum
     own, child = _peak_rss_mb(children_before)
-    dtype = DTYPE_NAMES.get(meta["dtype"], meta["dtype"])
+    import numpy as np  # loaded by the encode already
+
+    dtype = np.dtype(meta["dtype"]).name  # "uint16", not the sidecar's "<u2"
     print(
         f"{meta['tokens']:,} tokens ({dtype}) from {meta['bytes'] / 1e6:.1f} MB in {meta['seconds']:.2f} s "
         f"= {meta['mb_per_s']:.2f} MB/s with {meta['workers']} worker{'s' * (meta['workers'] != 1)} -> {args.out}"

@@ -26,10 +26,11 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
-def require_dir(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a Path if it is a directory; else FileNotFoundError saying missing or a file."""
+def require_dir(path: str | os.PathLike, what: str, may_be_missing: bool = False) -> Path:
+    """``path`` as a Path if it is a directory (or, with ``may_be_missing``, does not exist yet: an
+    output to create); else FileNotFoundError saying missing or a file."""
     p = Path(path)
-    if not p.is_dir():
+    if not p.is_dir() and not (may_be_missing and not p.exists()):
         raise FileNotFoundError(f"{what} is a file, not a directory: {p}" if p.exists() else f"{what} not found: {p}")
     return p
 

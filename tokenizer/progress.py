@@ -3,6 +3,8 @@ training run's start-up) is loaded only when a bar is actually shown."""
 
 from __future__ import annotations
 
+import sys
+
 
 class _Hidden:
     """What the tokenizer uses of a tqdm bar (``update``, ``n``, ``close``, a context), doing nothing."""
@@ -31,8 +33,6 @@ def progress_bar(show: bool, **tqdm_kwargs):
     """A ``tqdm.auto`` bar with ``tqdm_kwargs`` when ``show``, else a stand-in with the same surface."""
     if not show:
         return _Hidden()
-    import sys
-
     from tqdm.auto import tqdm
 
     out = tqdm_kwargs.get("file") or sys.stderr

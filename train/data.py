@@ -60,11 +60,10 @@ def load_tokens(path: str | Path) -> np.memmap:
     sidecar = path.with_suffix(path.suffix + ".json")
     if sidecar.exists():
         dtype = np.dtype(json.loads(sidecar.read_text())["dtype"])
-    if path.stat().st_size % np.dtype(dtype).itemsize:
-        raise ValueError(
-            f"{path}: size {path.stat().st_size} is not a multiple of {np.dtype(dtype).itemsize} ({dtype})"
-        )
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size % np.dtype(dtype).itemsize:
+        raise ValueError(f"{path}: size {size} is not a multiple of {np.dtype(dtype).itemsize} ({dtype})")
+    if size == 0:
         raise ValueError(f"{path}: the token file is empty (was its text empty?)")
     return np.memmap(path, dtype=dtype, mode="r")
 

@@ -29,20 +29,19 @@ def checkpoint_of_run(run_dir: str | Path) -> Path:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", tokenizer_dir=None) -> Path:
     """Write the Llama directory of a checkpoint written by ``python -m train``; returns it."""
     from tokenizer import Tokenizer
+    from tokenizer.pretokenize import require_dir
 
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UserError(f"--out is a file, not a directory: {out_dir}")
+    require_dir(out_dir, "--out", may_be_missing=True)
     state = load_checkpoint_state(checkpoint)
     if "model_config" not in state:
         raise UserError(f"{checkpoint} has no model_config; was it written by python -m train?")
     cfg = ModelConfig(**state["model_config"])
-    if tokenizer_dir is not None:  # given: name what is wrong with it
-        if not (Path(tokenizer_dir) / "vocab.json").is_file():
+    given = tokenizer_dir is not None
+    tokenizer_dir = tokenizer_dir if given else checkpoint_tokenizer_dir(checkpoint, state)
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "vocab.json").is_file():
+        if given:  # name what is wrong with the one passed
             raise FileNotFoundError(f"--tokenizer {tokenizer_dir} holds no vocab.json (not a saved tokenizer)")
-    else:
-        tokenizer_dir = checkpoint_tokenizer_dir(checkpoint, state)
-        if tokenizer_dir is None or not (Path(tokenizer_dir) / "vocab.json").is_file():
-            raise FileNotFoundError(f"no tokenizer found for {checkpoint}: pass --tokenizer DIR")
+        raise FileNotFoundError(f"no tokenizer found for {checkpoint}: pass --tokenizer DIR")
     tok = Tokenizer.load(tokenizer_dir)
     run = state.get("run_config") or {}
     stop = run.get("special_token") if run.get("special_token") in tok.special_ids else None

@@ -467,9 +467,7 @@ def save_llama_dir(
         generation.update({"do_sample": True, **sampling})
     _write_json(out / CONFIG, config)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out / WEIGHTS, 0o666 & ~umask)  # safetensors creates it 0600: readable like the JSON files
+    os.chmod(out / WEIGHTS, (out / CONFIG).stat().st_mode)  # safetensors creates it 0600: as config.json
     _write_json(out / GENERATION_CONFIG, generation)
     save_hf_tokenizer(out, tok, stop_token, cfg.context_length)
     return out
